@@ -82,7 +82,9 @@ class Workload:
         _check_name("service account", self.service_account)
 
     def __hash__(self) -> int:
-        return hash((self.name, self.namespace, tuple(sorted(self.labels.items())), self.service_account, self.trust_domain))
+        return hash(
+            (self.name, self.namespace, tuple(sorted(self.labels.items())), self.service_account, self.trust_domain)
+        )
 
     @classmethod
     def coerce(cls, value: Workload | str) -> Workload:

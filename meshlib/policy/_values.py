@@ -31,9 +31,7 @@ def parse_duration(value: Any) -> float:
     """Parse an Istio/Go duration (``1.5s``, ``250ms``, ``1h30m``) into seconds."""
     if isinstance(value, bool) or not isinstance(value, str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            raise ValueError(
-                f"a duration needs a unit: write {value!r} as '{value}s' (or 'ms', 'm', 'h')"
-            )
+            raise ValueError(f"a duration needs a unit: write {value!r} as '{value}s' (or 'ms', 'm', 'h')")
         raise ValueError(f"a duration is a string like '1.5s' or '250ms', not {type(value).__name__}")
     text = value.strip()
     if not text:
@@ -55,7 +53,7 @@ def parse_duration(value: Any) -> float:
 def format_duration(seconds: float) -> str:
     """Format seconds back into the shortest exact Istio duration string."""
     if seconds and seconds < 1 and round(seconds * 1000, 6) == int(round(seconds * 1000, 6)):
-        return f"{int(round(seconds * 1000))}ms"
+        return f"{round(seconds * 1000)}ms"
     text = f"{seconds:.9f}".rstrip("0").rstrip(".")
     return f"{text}s"
 
@@ -126,7 +124,9 @@ class StringMatch(MeshModel):
         return True
 
 
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 

@@ -1,0 +1,1 @@
+"""httpx adapters: AsyncMeshTransport and MeshTransport (issue #3)."""

@@ -1,0 +1,1 @@
+"""Control plane and data-plane agent (issue #7)."""

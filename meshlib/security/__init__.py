@@ -1,0 +1,1 @@
+"""CA, workload certificates and TLS contexts (issue #4)."""

@@ -1,0 +1,1 @@
+"""ASGI adapter: MeshMiddleware and serve() (issues #4, #5)."""

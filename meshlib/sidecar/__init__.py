@@ -1,0 +1,1 @@
+"""The sidecar proxy (issue #8)."""

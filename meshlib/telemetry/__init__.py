@@ -1,0 +1,1 @@
+"""RED metrics, traces and access logs (issue #6)."""
