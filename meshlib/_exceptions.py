@@ -26,6 +26,7 @@ __all__ = [
     "RateLimitedError",
     "RequestPathError",
     "RetriesExhaustedError",
+    "UnknownHostError",
 ]
 
 
@@ -123,3 +124,9 @@ class DeadlineExceededError(RequestPathError):
     """The request's total deadline (route timeout, or the caller's) ran out."""
 
     response_flag = "UT"
+
+
+class UnknownHostError(RequestPathError):
+    """The host is not in the mesh and MeshConfig says ``outboundTrafficPolicy: REGISTRY_ONLY``."""
+
+    response_flag = "NR"

@@ -86,7 +86,9 @@ def test_demo_reports_the_loaded_mesh() -> None:
 
 
 def test_demo_with_a_broken_config_says_so_and_exits_1(write_yaml: WriteYaml) -> None:
-    path = write_yaml("bad.yaml", "apiVersion: meshlib.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\nspec: {x: 1}\n")
+    path = write_yaml(
+        "bad.yaml", "apiVersion: meshlib.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\nspec: {x: 1}\n"
+    )
     result = meshlib("demo", "--config", path)
     assert result.returncode == 1
     assert "spec.x" in result.stderr

@@ -1,1 +1,6 @@
-"""httpx adapters: AsyncMeshTransport and MeshTransport (issue #3)."""
+"""httpx adapters: every call of a plain httpx client goes through the mesh."""
+
+from ._async import AsyncMeshTransport
+from ._sync import MeshTransport
+
+__all__ = ["AsyncMeshTransport", "MeshTransport"]

@@ -1,0 +1,244 @@
+"""``MeshTransport``: the sync twin of ``AsyncMeshTransport``, on the same engines.
+
+The attempt loop is the async one with blocking waits; the per-attempt timeout is
+enforced through httpx's own connect/read/write timeouts (a thread cannot be
+interrupted mid-call). Mirrors go to a small thread pool and never block the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .._exceptions import DeadlineExceededError
+from ..engine import (
+    DEADLINE_HEADER,
+    Attempt,
+    Call,
+    Destination,
+    LocalReply,
+    Outcome,
+    Passthrough,
+    Proceed,
+    Refusal,
+    RetryPolicy,
+    current_deadline,
+    deadline_to_header,
+)
+from ._async import MAX_MIRRORS_IN_FLIGHT
+from ._common import (
+    DEFAULT_REPLAY_LIMIT,
+    apply_header_ops,
+    attempt_url,
+    failure_of,
+    local_response,
+    outcome_of,
+    request_view,
+    with_timeouts,
+)
+
+if TYPE_CHECKING:
+    from ..mesh import Mesh
+
+__all__ = ["MeshTransport"]
+
+log = logging.getLogger("meshlib.client")
+
+
+class _Chained(httpx.SyncByteStream):
+    def __init__(self, head: list[bytes], rest: Iterator[bytes]) -> None:
+        self._head = head
+        self._rest = rest
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._head
+        yield from self._rest
+
+
+class MeshTransport(httpx.BaseTransport):
+    """Routes, balances, retries and limits every request by the mesh's policy (sync)."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        inner: httpx.BaseTransport | None = None,
+        *,
+        replay_limit: int = DEFAULT_REPLAY_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._mesh = mesh
+        self._inner = inner if inner is not None else httpx.HTTPTransport()
+        self._replay_limit = replay_limit
+        self._clock = clock
+        self._sleep = sleep
+        self._mirror_pool: ThreadPoolExecutor | None = None
+        self._mirrors_in_flight = 0
+        self._mirror_lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        outbound = self._mesh.outbound
+        replayable = self._buffer(request)
+        plan = outbound.plan(
+            request_view(request), self._clock(), replayable=replayable, caller_deadline=current_deadline.get()
+        )
+        if isinstance(plan, Passthrough):
+            return self._inner.handle_request(request)
+        if isinstance(plan, LocalReply):
+            return local_response(plan, request)
+        assert isinstance(plan, Proceed)
+        original = request.url
+        try:
+            if plan.delay:
+                self._sleep(plan.delay)
+            if plan.request_headers:
+                request.headers = apply_header_ops(request.headers, plan.request_headers)
+            if plan.authority is not None:
+                request.headers["host"] = plan.authority
+            if plan.mirrors and replayable:
+                self._mirror(plan.mirrors, request, plan.path)
+            response = self._attempts(plan.call, request, original, plan.path)
+            if plan.response_headers:
+                response.headers = apply_header_ops(response.headers, plan.response_headers)
+            return response
+        finally:
+            request.url = original
+            plan.call.close()
+
+    def _attempts(self, call: Call, request: httpx.Request, original: httpx.URL, path: str | None) -> httpx.Response:
+        last: httpx.Response | None = None
+        while True:
+            now = self._clock()
+            step = call.next_attempt(now)
+            if isinstance(step, Refusal):
+                if last is not None:
+                    return last
+                raise step.error(step.message, request=request)
+            if step.queued:
+                self._wait_for_slot(call, step, request)
+            if last is not None:
+                last.close()
+                last = None
+            request.url = attempt_url(original, step.address, step.port, path)
+            with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
+            if call.deadline is not None:
+                request.headers[DEADLINE_HEADER] = deadline_to_header(call.deadline, now)
+            started = self._clock()
+            try:
+                response = self._inner.handle_request(request)
+            except httpx.TransportError as exc:
+                end = self._clock()
+                verdict = call.finish(step, Outcome.failed(failure_of(exc), duration=end - started), end)
+                if verdict.retry:
+                    self._sleep(verdict.delay)
+                    continue
+                if verdict.error is not None:
+                    raise verdict.error(
+                        f"{call.destination.name}: {verdict.reason} after {step.number} attempt(s); last: {exc}",
+                        request=request,
+                    ) from exc
+                raise
+            except BaseException:
+                call.abandon(step)
+                raise
+            end = self._clock()
+            verdict = call.finish(step, outcome_of(response, started, end), end)
+            if not verdict.retry:
+                return response
+            last = response
+            self._sleep(verdict.delay)
+
+    def _wait_for_slot(self, call: Call, attempt: Attempt, request: httpx.Request) -> None:
+        pause = 0.0005
+        while not call.promote(attempt, self._clock()):
+            if call.deadline is not None and self._clock() >= call.deadline:
+                call.abandon(attempt)
+                raise DeadlineExceededError(
+                    f"{call.destination.name}: deadline exceeded waiting for a connection-pool slot", request=request
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _buffer(self, request: httpx.Request) -> bool:
+        stream = request.stream
+        if isinstance(stream, httpx.ByteStream):
+            return True
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._replay_limit:
+            return False
+        if not isinstance(stream, httpx.SyncByteStream):
+            return False
+        chunks: list[bytes] = []
+        size = 0
+        iterator = iter(stream)
+        for chunk in iterator:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self._replay_limit:
+                request.stream = _Chained(chunks, iterator)
+                return False
+        request.stream = httpx.ByteStream(b"".join(chunks))
+        return True
+
+    def _mirror(self, destinations: tuple[Destination, ...], request: httpx.Request, path: str | None) -> None:
+        body = b"".join(request.stream) if isinstance(request.stream, httpx.ByteStream) else b""
+        for dest in destinations:
+            with self._mirror_lock:
+                if self._mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
+                    log.debug("mirror to %s dropped: %d copies in flight", dest.name, self._mirrors_in_flight)
+                    return
+                self._mirrors_in_flight += 1
+                if self._mirror_pool is None:
+                    self._mirror_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshlib-mirror")
+            headers = request.headers.copy()
+            host = headers.get("host", "")
+            name, sep, port = host.partition(":")
+            headers["host"] = f"{name}-shadow{sep}{port}"
+            copy = httpx.Request(request.method, request.url, headers=headers, content=body)
+            self._mirror_pool.submit(self._send_mirror, dest, copy, path)
+
+    def _send_mirror(self, dest: Destination, copy: httpx.Request, path: str | None) -> None:
+        now = self._clock()
+        call = Call(
+            dest,
+            RetryPolicy(),
+            method=copy.method,
+            replayable=True,
+            deadline=None,
+            now=now,
+            rng=self._mesh.outbound.rng,
+        )
+        try:
+            step = call.next_attempt(now)
+            if isinstance(step, Refusal):
+                return
+            if step.queued:
+                call.abandon(step)
+                return
+            copy.url = attempt_url(copy.url, step.address, step.port, path)
+            with_timeouts(copy, 5.0, dest.pool.connect_timeout)
+            started = self._clock()
+            try:
+                response = self._inner.handle_request(copy)
+                response.read()
+                response.close()
+                outcome = outcome_of(response, started)
+            except httpx.TransportError as exc:
+                outcome = Outcome.failed(failure_of(exc), duration=self._clock() - started)
+                log.debug("mirror to %s failed: %s", dest.name, exc)
+            call.finish(step, outcome, self._clock())
+        finally:
+            call.close()
+            with self._mirror_lock:
+                self._mirrors_in_flight -= 1
+
+    def close(self) -> None:
+        if self._mirror_pool is not None:
+            self._mirror_pool.shutdown(wait=False, cancel_futures=True)
+        self._inner.close()

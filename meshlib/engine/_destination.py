@@ -1,0 +1,110 @@
+"""The engines of one destination cluster, and how they survive a snapshot swap.
+
+A destination is what Envoy calls a cluster: a host, a subset and a port, with the
+subset's merged traffic policy. It owns the balancer, outlier detector, breaker,
+retry budget and pool limits for that cluster. When a new snapshot arrives, a
+destination whose policy did not change keeps all of them (breaker state,
+ejections, budgets, load), and one whose endpoints changed keeps its state for the
+endpoints that remain.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..policy import Endpoint, Service, ServicePort, SubsetView
+from ..policy._meshkinds import MeshConfigSpec
+from ..policy._networking import TrafficPolicy
+from ._balancer import Balancer, make_balancer
+from ._breaker import Breaker
+from ._budget import RetryBudget
+from ._outlier import OutlierDetector
+from ._pool import PoolLimits
+
+__all__ = ["Destination", "DestinationKey"]
+
+DestinationKey = tuple[str, str | None, int | None]
+"""(canonical host, subset or None, port or None)."""
+
+
+class Destination:
+    """One cluster's engines. Built once per snapshot for each routed-to cluster."""
+
+    __slots__ = (
+        "balancer",
+        "breaker",
+        "budget",
+        "dns_target",
+        "endpoints",
+        "host",
+        "outlier",
+        "policy",
+        "pool",
+        "port",
+        "service",
+        "subset",
+        "targets",
+    )
+
+    def __init__(
+        self,
+        view: SubsetView,
+        service: Service | None,
+        port: int | None,
+        mesh_config: MeshConfigSpec,
+        rng: random.Random,
+        previous: Destination | None = None,
+    ) -> None:
+        self.host = view.host
+        self.subset = view.name or None
+        self.port = port
+        self.service = service
+        policy: TrafficPolicy | None = view.traffic_policy
+        self.policy = policy
+        self.endpoints: tuple[Endpoint, ...] = view.endpoints
+        same_policy = previous is not None and previous.policy == policy
+        in_flight = previous.balancer.in_flight if previous is not None else None
+        if previous is not None and previous.endpoints == self.endpoints and same_policy:
+            self.balancer: Balancer = previous.balancer
+        else:
+            self.balancer = make_balancer(policy.load_balancer if policy else None, self.endpoints, in_flight=in_flight)
+        service_port = _service_port(service, port)
+        # Where each endpoint is reached: computed once, looked up per attempt.
+        self.targets: dict[str, tuple[str, int]] = {
+            key: (ep.address, ep.port_for(service_port) if service_port is not None else (port or 80))
+            for key, ep in zip(self.balancer.keys, self.endpoints, strict=True)
+        }
+        # A host the mesh routes but whose endpoints it does not know (no ServiceEntry):
+        # its policy still applies, and the connection goes to the name through DNS.
+        self.dns_target: tuple[str, int] | None = None
+        if service is None:
+            self.dns_target = (self.host, port or 80)
+        if previous is not None and same_policy:
+            self.outlier: OutlierDetector = previous.outlier
+            self.outlier.set_endpoints(self.balancer.keys)
+            self.breaker: Breaker = previous.breaker
+            self.budget: RetryBudget | None = previous.budget
+            self.pool: PoolLimits = previous.pool
+        else:
+            self.outlier = OutlierDetector(policy.outlier_detection if policy else None, self.balancer.keys)
+            self.breaker = previous.breaker if previous is not None else Breaker(rng=rng)
+            self.budget = RetryBudget.from_policy(mesh_config.retry_budget, policy.retry_budget if policy else None)
+            self.pool = PoolLimits.from_policy(policy.connection_pool if policy else None)
+
+    @property
+    def name(self) -> str:
+        """Envoy-style cluster name, for logs and metrics: ``outbound|80|v1|reviews.default.svc.cluster.local``."""
+        return f"outbound|{self.port or ''}|{self.subset or ''}|{self.host}"
+
+    def __repr__(self) -> str:
+        return f"<Destination {self.name} endpoints={len(self.endpoints)}>"
+
+
+def _service_port(service: Service | None, port: int | None) -> ServicePort | None:
+    if service is None or not service.ports:
+        return None
+    if port is not None:
+        for p in service.ports:
+            if p.number == port:
+                return p
+    return service.ports[0]

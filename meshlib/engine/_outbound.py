@@ -1,0 +1,219 @@
+"""The client side of a workload: from a request to a plan, the same for every adapter.
+
+``Outbound.plan`` runs the design's client order up to the retry loop — route
+match, local answers (no route, redirect, direct response), fault injection, client
+rate limit, total deadline — and returns either an answer to give at once or a
+``Call`` for the adapter's attempt loop. The async transport, the sync transport
+and the sidecar's outbound listener all call it; none decides anything itself.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .._exceptions import RateLimitedError, UnknownHostError
+from ..policy import Snapshot, Workload
+from ..policy._networking import HTTPRoute
+from ._balancer import hash_key_for
+from ._call import Call
+from ._deadline import earliest
+from ._destination import Destination, DestinationKey
+from ._ratelimit import RateKeyInputs, RateLimiterEngine
+from ._retry import RetryPolicy
+from ._router import HeaderOps, RequestView, RouteDecision, Router, RouteTarget
+
+__all__ = ["LocalReply", "Outbound", "Passthrough", "Plan", "Proceed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """Not a mesh host: send the request untouched."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """Answer without sending: no route (404 NR), redirect, direct response, injected abort (FI)."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    flag: str = ""
+    decision: RouteDecision | None = None
+
+
+@dataclass(slots=True)
+class Proceed:
+    """Send through ``call``'s attempt loop, after waiting ``delay`` (an injected delay)."""
+
+    call: Call
+    decision: RouteDecision
+    path: str | None
+    """New path (query kept by the adapter), or None for unchanged."""
+    authority: str | None
+    """New Host, or None for unchanged."""
+    request_headers: HeaderOps
+    response_headers: HeaderOps
+    delay: float | None
+    mirrors: tuple[Destination, ...] = field(default=())
+
+
+Plan = Passthrough | LocalReply | Proceed
+
+_PASSTHROUGH = Passthrough()
+
+
+class Outbound:
+    """A workload's outbound engines for one snapshot; state carries over from ``previous``."""
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        workload: Workload | None,
+        rng: random.Random,
+        previous: Outbound | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        self.workload = workload
+        self.rng = rng
+        self.router = Router(snapshot)
+        config = snapshot.mesh_config
+        self.registry_only = config.outbound_traffic_policy.mode == "REGISTRY_ONLY"
+        self.default_timeout = config.default_timeout
+        self._default_retry = RetryPolicy.compile(None, config.default_retry)
+        self._retries: dict[int, tuple[HTTPRoute, RetryPolicy]] = {}
+        self._destinations: dict[DestinationKey, Destination] = {}
+        self._previous = dict(previous._destinations) if previous is not None else {}
+        self._lock = threading.Lock()
+        self._namespace = workload.namespace if workload is not None else "default"
+        self._source_labels: Mapping[str, str] = workload.all_labels if workload is not None else {}
+        self._limits: dict[str, RateLimiterEngine] = {}
+        if workload is not None:
+            by_host: dict[str, list[object]] = {}
+            for policy in snapshot.rate_limits(workload, "CLIENT"):
+                host = snapshot.canonical(policy.spec.host or "", policy.namespace)
+                by_host.setdefault(host, []).append(policy)
+            self._limits = {h: RateLimiterEngine(p) for h, p in by_host.items()}  # type: ignore[arg-type]
+
+    @property
+    def version(self) -> str:
+        return self.snapshot.version
+
+    # -- engines per destination ----------------------------------------------------
+
+    def destination(self, target: RouteTarget) -> Destination:
+        """The engines of a cluster, built on first use and kept for the snapshot's life."""
+        key: DestinationKey = (target.host, target.subset, target.port)
+        dest = self._destinations.get(key)
+        if dest is not None:
+            return dest
+        with self._lock:
+            dest = self._destinations.get(key)
+            if dest is None:
+                view = self.snapshot.subset(target.host, target.subset)
+                service = self.snapshot.service(target.host)
+                dest = Destination(
+                    view, service, target.port, self.snapshot.mesh_config, self.rng, self._previous.get(key)
+                )
+                self._destinations[key] = dest
+            return dest
+
+    @property
+    def destinations(self) -> Mapping[DestinationKey, Destination]:
+        return self._destinations
+
+    def retry_policy(self, decision: RouteDecision) -> RetryPolicy:
+        route = decision.http_route
+        if route is None or decision.retries is None:
+            return self._default_retry
+        cached = self._retries.get(id(route))
+        if cached is None:
+            cached = (route, RetryPolicy.compile(decision.retries, self.snapshot.mesh_config.default_retry))
+            self._retries[id(route)] = cached
+        return cached[1]
+
+    # -- the plan -------------------------------------------------------------------
+
+    def plan(
+        self,
+        request: RequestView,
+        now: float,
+        *,
+        replayable: bool = True,
+        caller_deadline: float | None = None,
+        source_ip: str | None = None,
+    ) -> Plan:
+        decision = self.router.route(request, self.rng, source_labels=self._source_labels, namespace=self._namespace)
+        if decision is None:
+            if self.registry_only:
+                raise UnknownHostError(
+                    f"{request.authority} is not a mesh host and MeshConfig sets outboundTrafficPolicy REGISTRY_ONLY"
+                )
+            return _PASSTHROUGH
+        if decision.no_route:
+            return LocalReply(404, b"no route matched", flag="NR", decision=decision)
+        if decision.redirect is not None:
+            return LocalReply(
+                decision.redirect.status, headers=(("location", decision.redirect.location),), decision=decision
+            )
+        if decision.direct_response is not None:
+            d = decision.direct_response
+            return LocalReply(d.status, d.body, decision=decision)
+        if decision.fault_abort is not None:
+            return LocalReply(decision.fault_abort, b"fault filter abort", flag="FI", decision=decision)
+        target = decision.destination
+        assert target is not None  # a routed decision always has one
+        limiter = self._limits.get(target.host)
+        if limiter is not None:
+            verdict = limiter.check(
+                RateKeyInputs(
+                    method=request.method,
+                    path=request.path,
+                    headers=request.headers,
+                    principal=self.workload.spiffe_id.principal if self.workload else None,
+                    namespace=self._namespace,
+                )
+            )
+            if not verdict.allowed:
+                raise RateLimitedError(
+                    f"client rate limit {verdict.limit} of {verdict.policy} refused the call to {target.host};"
+                    f" retry after {verdict.retry_after:.3f}s"
+                )
+        dest = self.destination(target)
+        if decision.fault_injected:
+            # Istio applies neither the route's timeout nor its retries to a faulted request.
+            retry = RetryPolicy()
+            deadline = caller_deadline
+        else:
+            retry = self.retry_policy(decision)
+            timeout = decision.timeout if decision.timeout is not None else self.default_timeout
+            deadline = earliest(now + timeout if timeout else None, caller_deadline)
+        hash_key = None
+        lb = dest.policy.load_balancer if dest.policy is not None else None
+        if lb is not None and lb.consistent_hash is not None:
+            hash_key = hash_key_for(
+                lb.consistent_hash, headers=request.headers, query_params=request.query_params, source_ip=source_ip
+            )
+        call = Call(
+            dest,
+            retry,
+            method=request.method,
+            replayable=replayable,
+            deadline=deadline,
+            now=now,
+            rng=self.rng,
+            hash_key=hash_key,
+        )
+        mirrors = tuple(self.destination(m) for m in decision.mirrors)
+        return Proceed(
+            call,
+            decision,
+            decision.rewrite_path,
+            decision.rewrite_authority,
+            decision.request_headers,
+            decision.response_headers,
+            decision.fault_delay,
+            mirrors,
+        )

@@ -1,0 +1,105 @@
+"""``Mesh``: the snapshot in force plus the engines' state, shared by every adapter.
+
+A service makes one ``Mesh`` (from files, parsed documents, or later the control
+plane) and hands it to its clients and middleware. Updates build a new snapshot
+and swap it in one assignment; a request in flight finishes on the snapshot it
+started with, and engine state (breakers, ejections, budgets, load) carries over
+for every destination whose policy did not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+
+from .engine import Outbound
+from .policy import Resource, Snapshot, Workload
+
+__all__ = ["Mesh"]
+
+log = logging.getLogger("meshlib")
+
+
+class Mesh:
+    """The live configuration of one workload, and the engines acting on it."""
+
+    def __init__(self, snapshot: Snapshot, workload: Workload | str | None = None, *, seed: int | None = None) -> None:
+        self.workload: Workload | None = Workload.coerce(workload) if workload is not None else None
+        self._rng = random.Random(seed)
+        self._outbound = Outbound(snapshot, self.workload, self._rng)
+        for warning in snapshot.warnings:
+            log.warning("%s", warning)
+
+    # -- construction ------------------------------------------------------------
+
+    @classmethod
+    def from_files(
+        cls, *paths: str | os.PathLike[str], workload: Workload | str | None = None, seed: int | None = None
+    ) -> Mesh:
+        """A static mesh from YAML files or folders (one configuration; errors raise PolicyError)."""
+        return cls(Snapshot.from_files(*paths), workload, seed=seed)
+
+    @classmethod
+    def from_resources(
+        cls,
+        documents: Iterable[Mapping[str, Any] | Resource],
+        *,
+        workload: Workload | str | None = None,
+        seed: int | None = None,
+    ) -> Mesh:
+        """A static mesh from parsed documents (dicts as YAML gives them) or resource models."""
+        return cls(Snapshot.from_resources(documents), workload, seed=seed)
+
+    # -- the configuration in force ----------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._outbound.snapshot
+
+    @property
+    def version(self) -> str:
+        """Content hash of the snapshot in force."""
+        return self._outbound.snapshot.version
+
+    @property
+    def outbound(self) -> Outbound:
+        """The client-side engines for the snapshot in force (adapters read it once per request)."""
+        return self._outbound
+
+    def update(self, config: Snapshot | Iterable[Mapping[str, Any] | Resource]) -> str:
+        """Swap in a new configuration; a bad one raises PolicyError and changes nothing.
+
+        Returns the new version. Engine state survives for destinations whose
+        policy did not change.
+        """
+        snapshot = config if isinstance(config, Snapshot) else Snapshot.from_resources(config)
+        if snapshot.version == self.version:
+            return self.version
+        self._outbound = Outbound(snapshot, self.workload, self._rng, previous=self._outbound)
+        log.info("meshlib: configuration %s in force", snapshot.version)
+        return snapshot.version
+
+    # -- clients -----------------------------------------------------------------
+
+    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` whose every call goes through the mesh."""
+        from .client import AsyncMeshTransport
+
+        inner = kwargs.pop("transport", None)
+        return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner=inner), **kwargs)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """The sync twin of :meth:`async_client`."""
+        from .client import MeshTransport
+
+        inner = kwargs.pop("transport", None)
+        return httpx.Client(transport=MeshTransport(self, inner=inner), **kwargs)
+
+    def __repr__(self) -> str:
+        who = self.workload.spiffe_id if self.workload else "anonymous"
+        return f"<Mesh {who} version={self.version}>"
