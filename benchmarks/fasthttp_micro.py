@@ -14,109 +14,40 @@ p50/p99 latency, requests per second and the ratio b/a. Run from the repository 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import socket
 import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import PAYLOAD, upstream
+from benchmarks._harness import concurrent as _concurrent
+from benchmarks._harness import sequential as _sequential
 from meshlib.client._fasthttp import FastAsyncTransport
 
-PAYLOAD = b'{"ok":true}'
 SEQUENTIAL = 2_000
 CONCURRENT = 5_000
 CONCURRENCY = 32
 WARMUP = 200
 
 
-async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
-    if scope["type"] != "http":
-        return
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(PAYLOAD))],
-        }
-    )
-    await send({"type": "http.response.body", "body": PAYLOAD})
-
-
-def serve(port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False, log_level="error")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
-
-
-def summary(latencies: list[float], elapsed: float) -> dict[str, float]:
-    latencies.sort()
-    return {
-        "p50_us": statistics.median(latencies) * 1e6,
-        "p99_us": latencies[int(len(latencies) * 0.99) - 1] * 1e6,
-        "rps": len(latencies) / elapsed,
-    }
-
-
 async def sequential(client: httpx.AsyncClient, url: str, n: int) -> dict[str, float]:
-    latencies = []
-    clock = time.perf_counter
-    start = clock()
-    for _ in range(n):
-        t0 = clock()
+    async def send() -> None:
         response = await client.get(url)
-        latencies.append(clock() - t0)
-        assert response.status_code == 200
         assert response.content == PAYLOAD
-    return summary(latencies, clock() - start)
+
+    return await _sequential(send, n)
 
 
 async def concurrent(client: httpx.AsyncClient, url: str, n: int, width: int) -> dict[str, float]:
-    latencies: list[float] = []
-    clock = time.perf_counter
-    remaining = n
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            t0 = clock()
-            response = await client.get(url)
-            latencies.append(clock() - t0)
-            assert response.status_code == 200
+    async def send() -> None:
+        response = await client.get(url)
         assert response.content == PAYLOAD
 
-    start = clock()
-    await asyncio.gather(*(worker() for _ in range(width)))
-    return summary(latencies, clock() - start)
+    return await _concurrent(send, n, width)
 
 
 def make_client(kind: str) -> httpx.AsyncClient:
@@ -143,19 +74,9 @@ async def run(url: str, rounds: int) -> dict[tuple[str, str], list[dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3, help="repeat each measurement; the median round is shown")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        serve(args.serve)
-        return
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
-    try:
-        wait_listening(port, proc)
+    with upstream() as port:
         results = uvloop.run(run(f"http://127.0.0.1:{port}/", args.rounds))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
     def median(kind: str, mode: str) -> dict[str, float]:
         rounds = results[(kind, mode)]

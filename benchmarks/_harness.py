@@ -1,0 +1,136 @@
+"""What every benchmark here shares: a uvicorn upstream in its own process, the load
+loops, the statistics, and writing results into docs/benchmarks.md.
+
+Benchmarks measure *ratios side by side in one run* (the machine's speed changes
+from run to run; the ratio of two clients measured together is what is stable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+PAYLOAD = b'{"ok":true}'
+
+Send = Callable[[], Awaitable[Any]]
+
+
+async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+    """The upstream: a tiny JSON answer, so the client and mesh costs dominate."""
+    if scope["type"] != "http":
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(PAYLOAD))],
+        }
+    )
+    await send({"type": "http.response.body", "body": PAYLOAD})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def upstream() -> Iterator[int]:
+    """A uvicorn (httptools, uvloop, no access log) server process on a free loopback port."""
+    port = free_port()
+    code = (
+        f"import uvicorn, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks._harness import app; "
+        f"uvicorn.run(app, host='127.0.0.1', port={port}, loop='uvloop', http='httptools', access_log=False, "
+        "log_level='error')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("upstream exited")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("upstream did not start") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def summary(latencies: list[float], elapsed: float) -> dict[str, float]:
+    latencies.sort()
+    return {
+        "p50_us": statistics.median(latencies) * 1e6,
+        "p99_us": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e6,
+        "rps": len(latencies) / elapsed,
+    }
+
+
+async def sequential(send: Send, n: int) -> dict[str, float]:
+    latencies = []
+    clock = time.perf_counter
+    start = clock()
+    for _ in range(n):
+        t0 = clock()
+        await send()
+        latencies.append(clock() - t0)
+    return summary(latencies, clock() - start)
+
+
+async def concurrent(send: Send, n: int, width: int) -> dict[str, float]:
+    latencies: list[float] = []
+    clock = time.perf_counter
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = clock()
+            await send()
+            latencies.append(clock() - t0)
+
+    start = clock()
+    await asyncio.gather(*(worker() for _ in range(width)))
+    return summary(latencies, clock() - start)
+
+
+def median_round(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+def write_section(name: str, markdown: str, path: Path = DOCS) -> None:
+    """Replace the section between ``<!-- bench:NAME -->`` markers (or append it)."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return (
+        f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, {platform.machine()}"
+    )

@@ -1,0 +1,24 @@
+"""Smoke run of the benchmarks: they run and compare every client. Speed is never asserted here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_inprocess_benchmark_runs_every_client() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "inprocess.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for client in ("| httpx |", "| mesh / httpcore |", "| mesh |", "| httpx / fast |"):
+        assert client in result.stdout
+    assert "sequential" in result.stdout
+    assert "concurrent" in result.stdout
