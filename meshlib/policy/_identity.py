@@ -11,8 +11,8 @@ __all__ = ["DEFAULT_TRUST_DOMAIN", "SpiffeId", "Workload"]
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 _SEGMENT = r"[A-Za-z0-9._\-]+"
-_SPIFFE = re.compile(rf"^spiffe://({_SEGMENT})/ns/({_SEGMENT})/sa/({_SEGMENT})$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SPIFFE = re.compile(rf"^spiffe://({_SEGMENT})/ns/({_SEGMENT})/sa/({_SEGMENT})\Z")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
 class SpiffeId(str):

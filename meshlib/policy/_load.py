@@ -7,6 +7,7 @@ raising, so one run of ``meshlib validate`` shows every mistake, not the first.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .._exceptions import Issue
 from ._base import unenforced_fields
 from ._kinds import IGNORED_KINDS, KINDS
 from ._resource import Resource
+from ._values import yaml_type
 
 __all__ = ["Loaded", "Origin", "expand_paths", "parse_documents", "read_documents"]
 
@@ -53,14 +55,38 @@ class Loaded:
         return tuple(i for i in self.issues if i.severity == "warning")
 
 
+_MAX_DEPTH = 100
+"""How deep YAML collections may nest; Istio resources need about 15 levels, and PyYAML's
+composer recurses per level, so a deeper document would end in a RecursionError."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last),
+    absurd nesting and integers Python will not read."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the document nests deeper than {_MAX_DEPTH} levels", self.get_mark()
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
+    # Only the keys written in this mapping: a key pulled in by a merge (``<<: *base``)
+    # is meant to be overridden by one written here, as YAML's merge rules say.
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             duplicate = key in seen
@@ -73,13 +99,41 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping",
                 node.start_mark,
-                f"found duplicate key {key!r} (first at line {first.line + 1}); YAML would keep only the last",
+                f"found duplicate key {_show(key, quote=True)} (first at line {first.line + 1});"
+                " YAML would keep only the last",
                 key_node.start_mark,
             )
         seen[key] = key_node
     return loader.construct_mapping(node, deep=deep)
 
 
+def _checked_scalar(tag: str, what: str) -> Any:
+    """PyYAML's constructor for ``tag``, with its crashes on bad text turned into YAML errors.
+
+    PyYAML converts scalars with ``int()``, ``float()``, a dict lookup or a regex match
+    and lets what they raise escape: ``!!float`` alone is an IndexError, ``!!bool x`` a
+    KeyError, ``2024-13-01`` (read as a date) a ValueError, a decimal integer of more
+    than 4300 digits (Python's limit, CVE-2020-10735) a ValueError.
+    """
+    construct = yaml.SafeLoader.yaml_constructors[tag]
+
+    def checked(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            text = str(node.value)
+            if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+                problem = f"an integer of {sum(c.isdigit() for c in text)} digits is too large to read"
+            else:
+                shown = text if len(text) <= 40 else text[:40] + "..."
+                problem = f"{shown!r} is not a valid {what}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+    return checked
+
+
+for _tag, _what in (("int", "integer"), ("float", "number"), ("bool", "boolean"), ("timestamp", "date or time")):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _checked_scalar(f"tag:yaml.org,2002:{_tag}", _what))
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
@@ -146,9 +200,7 @@ def parse_documents(docs: Sequence[tuple[Any, Origin]]) -> Loaded:
             issues.extend(_unenforced(doc, origin))
             continue
         if not isinstance(doc, Mapping):
-            issues.append(
-                origin.issue(f"a document must be a mapping with apiVersion and kind, not {type(doc).__name__}")
-            )
+            issues.append(origin.issue(f"a document must be a mapping with apiVersion and kind, not {yaml_type(doc)}"))
             continue
         resource = _parse_one(doc, origin, issues)
         if resource is not None:
@@ -171,12 +223,57 @@ def _flatten_lists(docs: Sequence[tuple[Any, Origin]], issues: list[Issue]) -> I
             yield doc, origin
 
 
+def _show(value: Any, *, quote: bool = False, limit: int = 80) -> str:
+    """A value for a message: never raises (a huge int has no ``str``), never kilobytes long."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    if isinstance(value, str):
+        text = repr(value[: limit + 1]) if quote else value[: limit + 1]
+    elif value is None or isinstance(value, (int, float, bytes, datetime.date, datetime.time)):
+        text = repr(value[: limit + 1] if isinstance(value, bytes) else value)
+    else:
+        # Not str() of a collection: YAML aliases can make one whose text is exponential in size.
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _ref(doc: Mapping[str, Any]) -> str:
     kind = doc.get("kind") or "?"
     meta = doc.get("metadata")
     meta = meta if isinstance(meta, Mapping) else {}
     namespace = meta.get("namespace") or "default"
-    return f"{kind}/{namespace}/{meta.get('name') or '?'}"
+    return f"{_show(kind)}/{_show(namespace)}/{_show(meta.get('name') or '?')}"
+
+
+# Kubernetes and Istio numbers are protobuf int64/uint64 (most are int32/uint32).
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _oversized_ints(doc: Any) -> Iterator[tuple[str, int]]:
+    """``(field path, value)`` of every integer no Kubernetes field can hold, keys included.
+
+    Iterative, and each container is visited once, so YAML aliases (shared or even
+    cyclic structures) cost no more than the text that wrote them.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not _INT_MIN <= value <= _INT_MAX:
+                yield path, value
+        elif isinstance(value, (Mapping, list, tuple)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, Mapping):
+                for key, item in value.items():
+                    if isinstance(key, int) and not isinstance(key, bool) and not _INT_MIN <= key <= _INT_MAX:
+                        yield path, key
+                        continue
+                    stack.append((item, f"{path}.{_show(key)}" if path else _show(key)))
+            else:
+                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
 def _parse_one(doc: Mapping[str, Any], origin: Origin, issues: list[Issue]) -> Resource | None:
@@ -211,6 +308,13 @@ def _parse_one(doc: Mapping[str, Any], origin: Origin, issues: list[Issue]) -> R
         accepted = ", ".join(f"{cls.GROUP}/{v}" for v in cls.VERSIONS)
         issues.append(origin.issue(f"{kind} takes apiVersion {accepted}, not {api_version!r}", ref, "apiVersion"))
         return None
+    oversized = list(_oversized_ints(doc))
+    for path, value in reversed(oversized):
+        issues.append(
+            origin.issue(f"{_show(value)} is out of range: Kubernetes and Istio numbers are 64-bit", ref, path)
+        )
+    if oversized:
+        return None
     try:
         return cls.model_validate(doc)
     except ValidationError as exc:
@@ -233,7 +337,7 @@ def _error_message(err: Mapping[str, Any]) -> str:
         and err["type"] not in ("value_error", "assertion_error")
         and not isinstance(err["input"], (dict, list))
     ):
-        msg = f"{msg} (got {err['input']!r})"
+        msg = f"{msg} (got {_show(err['input'], quote=True)})"
     return msg
 
 

@@ -66,12 +66,12 @@ _RETRY_ON = frozenset(
         "unavailable",
     }
 )
-_STATUS = re.compile(r"^[1-5][0-9][0-9]$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
-_HOST = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_METHOD = re.compile(r"^[A-Z]+$")
+_STATUS = re.compile(r"^[1-5][0-9][0-9]\Z")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+\Z")
+_HOST = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_METHOD = re.compile(r"^[A-Z]+\Z")
 
 
 def _header_name(value: str, what: str) -> str:

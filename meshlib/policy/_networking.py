@@ -102,8 +102,8 @@ RETRY_ON_CONDITIONS = frozenset(
 )
 """The ``retryOn`` conditions Istio accepts (besides HTTP status codes)."""
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_HEADER_NAME = re.compile(r"^[-_a-z0-9]+$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_HEADER_NAME = re.compile(r"^[-_a-z0-9]+\Z")
 _PROTOCOLS = frozenset(
     {"HTTP", "HTTPS", "HTTP2", "HTTP_PROXY", "GRPC", "GRPC-WEB", "TCP", "TLS", "UDP", "MONGO", "MYSQL", "REDIS"}
 )
@@ -428,9 +428,10 @@ class HTTPRetry(MeshModel):
             item = raw.strip()
             if not item:
                 raise ValueError(f"retryOn {v!r} has an empty entry")
-            if item.isdigit():
-                if not 100 <= int(item) <= 599:
-                    raise ValueError(f"retryOn status code {item} is not in 100..599")
+            if item.isascii() and item.isdigit():  # not '²', which isdigit() but int() refuses
+                if len(item) != 3 or not 100 <= int(item) <= 599:
+                    shown = item if len(item) <= 12 else item[:12] + "..."
+                    raise ValueError(f"retryOn status code {shown} is not in 100..599")
             elif item not in RETRY_ON_CONDITIONS:
                 known = ", ".join(sorted(RETRY_ON_CONDITIONS))
                 raise ValueError(f"{item!r} is not a retryOn condition; use HTTP status codes or one of: {known}")
@@ -1139,7 +1140,7 @@ def _is_ip(address: str) -> bool:
 
 
 _LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
-_FQDN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+_FQDN = re.compile(rf"^(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\.?\Z")
 
 
 class ServiceEntrySpec(MeshModel):

@@ -8,11 +8,12 @@ from typing import Any, ClassVar
 from pydantic import ConfigDict, Field, field_validator
 
 from ._base import MeshModel
+from ._values import yaml_type
 
 __all__ = ["ObjectMeta", "Resource"]
 
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z")
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
 class ObjectMeta(MeshModel):
@@ -46,7 +47,10 @@ class ObjectMeta(MeshModel):
     def _namespace(cls, v: Any) -> Any:
         if v is None or v == "":
             return "default"
-        if not isinstance(v, str) or len(v) > 63 or not _NAMESPACE.match(v):
+        if not isinstance(v, str):
+            # Not the value itself: a YAML alias can make a list whose text is exponential in size.
+            raise ValueError(f"a namespace is a string (a DNS label), not {yaml_type(v)}")
+        if len(v) > 63 or not _NAMESPACE.match(v):
             raise ValueError(f"invalid namespace {v!r}: use a DNS label (lower-case letters, digits, '-')")
         return v
 

@@ -89,7 +89,7 @@ def _match_values(values: list[str]) -> list[str]:
     return values
 
 
-_PREFIX_BITS = re.compile(r"^(0|[1-9][0-9]{0,2})$")
+_PREFIX_BITS = re.compile(r"^(0|[1-9][0-9]{0,2})\Z")
 
 
 def parse_ip_block(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -122,19 +122,19 @@ def _ip_values(values: list[str]) -> list[str]:
     return values
 
 
-_DIGITS = re.compile(r"^[0-9]+$")
+_DIGITS = re.compile(r"^[0-9]+\Z")
 
 
 def _port_values(values: list[str]) -> list[str]:
     _check_not_empty(values)
     for v in values:
-        if not _DIGITS.match(v) or int(v) > 65535:
+        if not _DIGITS.match(v) or len(v) > 5 or int(v) > 65535:
             raise ValueError(f"bad port {v!r}: a port is a number 0..65535 written as a string, like '8080'")
     return values
 
 
 # Envoy's URI template literals: RFC 3986 pchar, without '/'.
-_PATH_LITERAL = re.compile(r"^[a-zA-Z0-9\-._~%!$&'()+,;:@=]+$")
+_PATH_LITERAL = re.compile(r"^[a-zA-Z0-9\-._~%!$&'()+,;:@=]+\Z")
 _MATCH_ONE = "{*}"
 _MATCH_ANY = "{**}"
 
@@ -216,7 +216,7 @@ class MutualTls(MeshModel):
     mode: MtlsMode = "UNSET"
 
 
-_PORT_KEY = re.compile(r"^[0-9]+$")
+_PORT_KEY = re.compile(r"^[0-9]+\Z")
 
 
 class PeerAuthenticationSpec(MeshModel):
@@ -246,6 +246,9 @@ class PeerAuthenticationSpec(MeshModel):
                 isinstance(key, int) or (isinstance(key, str) and _PORT_KEY.match(key.strip()))
             ):
                 raise ValueError(f"portLevelMtls key {key!r} is not a port number")
+            if isinstance(key, str) and len(key.strip().lstrip("0")) > 5:
+                # Not int(key): Python refuses to convert more than 4300 digits, with its own message.
+                raise ValueError(f"portLevelMtls port {key.strip()[:12]}... is out of range 1..65535")
             port = int(key)
             if not 1 <= port <= 65535:
                 raise ValueError(f"portLevelMtls port {port} is out of range 1..65535")
@@ -336,10 +339,10 @@ class Operation(MeshModel):
         return self
 
 
-_HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
-_INLINE_HEADER_KEY = re.compile(r"^request\.experimental\.inline\.headers\[([^\[\]]+)\]$")
-_CLAIMS_KEY = re.compile(r"^request\.auth\.claims((?:\[[^\[\]]+\])+)$")
-_EXPERIMENTAL_KEY = re.compile(r"^experimental\.envoy\.filters\.[^\[\]]+\[[^\[\]]+\]$")
+_HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]\Z")
+_INLINE_HEADER_KEY = re.compile(r"^request\.experimental\.inline\.headers\[([^\[\]]+)\]\Z")
+_CLAIMS_KEY = re.compile(r"^request\.auth\.claims((?:\[[^\[\]]+\])+)\Z")
+_EXPERIMENTAL_KEY = re.compile(r"^experimental\.envoy\.filters\.[^\[\]]+\[[^\[\]]+\]\Z")
 _PLAIN_KEYS = {
     "source.ip": "ip",
     "remote.ip": "ip",

@@ -6,8 +6,10 @@ with the field named, never at request time.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
+import warnings
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, PlainSerializer, model_validator
@@ -21,10 +23,34 @@ __all__ = [
     "StringMatch",
     "format_duration",
     "parse_duration",
+    "yaml_type",
 ]
 
+MAX_DURATION = 315_576_000_000.0
+"""The largest protobuf ``Duration`` (Istio's duration type): 10000 years, in seconds."""
+
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
+# [0-9], not \d: \d and float() also take other scripts' digits ("٣s").
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|ns)")
+
+
+def yaml_type(value: Any) -> str:
+    """What a value is, in the words of the YAML that wrote it: ``null``, ``a list``, ``a mapping``..."""
+    if value is None:
+        return "null"
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (bytes, "binary data"),
+        ((list, tuple), "a list"),
+        ((dict, set), "a mapping"),
+        ((datetime.date, datetime.time), "a date"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def parse_duration(value: Any) -> float:
@@ -32,7 +58,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             raise ValueError(f"a duration needs a unit: write {value!r} as '{value}s' (or 'ms', 'm', 'h')")
-        raise ValueError(f"a duration is a string like '1.5s' or '250ms', not {type(value).__name__}")
+        raise ValueError(f"a duration is a string like '1.5s' or '250ms', not {yaml_type(value)}")
     text = value.strip()
     if not text:
         raise ValueError("a duration cannot be empty")
@@ -45,9 +71,14 @@ def parse_duration(value: Any) -> float:
         pos = m.end()
     if pos != len(text) or pos == 0:
         raise ValueError(f"invalid duration {value!r}: use a number and a unit, like '1.5s', '250ms' or '1h30m'")
-    if not math.isfinite(total):
-        raise ValueError(f"invalid duration {value!r}: too large")
+    if not math.isfinite(total) or total > MAX_DURATION:
+        # Beyond this, arithmetic on it overflows (``round(inf)``) and timers refuse it.
+        raise ValueError(f"invalid duration {_clip(value)!r}: too large (at most {MAX_DURATION:.0f}s, 10000 years)")
     return total
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_duration(seconds: float) -> str:
@@ -77,6 +108,7 @@ class Percent(MeshModel):
 
 
 _RE2_UNSUPPORTED = re.compile(r"\(\?[=!]|\(\?<[=!]|\\[1-9]|\(\?P=")
+_POSIX_CLASS = re.compile(r"\[:\^?[a-z]+:\]")
 
 
 class StringMatch(MeshModel):
@@ -100,10 +132,27 @@ class StringMatch(MeshModel):
                 raise ValueError(
                     f"regex {self.regex!r} uses lookaround or backreferences, which RE2 (Istio's regex engine) refuses"
                 )
+            if _POSIX_CLASS.search(self.regex):
+                raise ValueError(
+                    f"regex {self.regex!r} uses a POSIX class like [[:alpha:]], which Python's re reads as a plain"
+                    " set of characters: write the characters out, like [a-zA-Z]"
+                )
             try:
-                re.compile(self.regex)
+                with warnings.catch_warnings():
+                    # "Possible nested set" and the like: a note about future Python, not an error,
+                    # and it must not become one under ``-W error``.
+                    warnings.simplefilter("ignore", FutureWarning)
+                    re.compile(self.regex)
             except re.error as exc:
                 raise ValueError(f"invalid regex {self.regex!r}: {exc}") from None
+            except OverflowError:
+                # Python's re refuses counts above 2**32-2 with OverflowError, not re.error.
+                raise ValueError(
+                    f"invalid regex {self.regex!r}: a repetition count is too large (RE2 allows at most 1000)"
+                ) from None
+            except RecursionError:
+                # Python's regex parser recurses once per nested group.
+                raise ValueError(f"invalid regex {self.regex!r}: groups nest too deeply") from None
         return self
 
     @property
@@ -125,9 +174,9 @@ class StringMatch(MeshModel):
 
 
 _LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z"
 )
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?\Z")
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
