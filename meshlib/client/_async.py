@@ -17,7 +17,6 @@ import httpx
 
 from .._exceptions import DeadlineExceededError, RequestPathError
 from ..engine import (
-    DEADLINE_HEADER,
     Attempt,
     Call,
     Destination,
@@ -33,11 +32,13 @@ from ..engine import (
 from ._common import (
     DEFAULT_REPLAY_LIMIT,
     apply_header_ops,
+    attach_request,
     attempt_url,
     failure_of,
     local_response,
     outcome_of,
     request_view,
+    shadow_request,
     with_timeouts,
 )
 
@@ -50,6 +51,9 @@ log = logging.getLogger("meshlib.client")
 
 MAX_MIRRORS_IN_FLIGHT = 64
 """Mirrored copies beyond this many in flight are dropped: a shadow must never hurt the real path."""
+
+MIRROR_TIMEOUT = 5.0
+"""Seconds a mirrored copy may take before it is given up."""
 
 
 class _Chained(httpx.AsyncByteStream):
@@ -64,6 +68,27 @@ class _Chained(httpx.AsyncByteStream):
             yield chunk
         async for chunk in self._rest:
             yield chunk
+
+
+class _Releasing(httpx.AsyncByteStream):
+    """The body of the answer: closing it frees the attempt's pool slot and in-flight count."""
+
+    def __init__(self, stream: httpx.AsyncByteStream | httpx.SyncByteStream, call: Call, attempt: Attempt) -> None:
+        self._stream = stream
+        self._call = call
+        self._attempt = attempt
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self._stream, httpx.AsyncByteStream)
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            if isinstance(self._stream, httpx.AsyncByteStream):
+                await self._stream.aclose()
+        finally:
+            self._call.release(self._attempt)
 
 
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
@@ -91,9 +116,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         outbound = self._mesh.outbound  # one snapshot for the whole request
         replayable = await self._buffer(request)
-        plan = outbound.plan(
-            request_view(request), self._clock(), replayable=replayable, caller_deadline=current_deadline.get()
-        )
+        try:
+            plan = outbound.plan(
+                request_view(request), self._clock(), replayable=replayable, caller_deadline=current_deadline.get()
+            )
+        except RequestPathError as exc:
+            raise attach_request(exc, request) from None
         if isinstance(plan, Passthrough):
             return await self._inner.handle_async_request(request)
         if isinstance(plan, LocalReply):
@@ -109,7 +137,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 request.headers["host"] = plan.authority
             if plan.mirrors and replayable:
                 self._mirror(plan.mirrors, request, plan.path)
-            response = await self._attempts(plan.call, request, original, plan.path)
+            response = await self._attempts(plan.call, request, original, plan.path, outbound.deadline_header)
             if plan.response_headers:
                 response.headers = apply_header_ops(response.headers, plan.response_headers)
             return response
@@ -118,12 +146,11 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             plan.call.close()
 
     async def _attempts(
-        self, call: Call, request: httpx.Request, original: httpx.URL, path: str | None
+        self, call: Call, request: httpx.Request, original: httpx.URL, path: str | None, deadline_header: str | None
     ) -> httpx.Response:
         last: httpx.Response | None = None
         while True:
-            now = self._clock()
-            step = call.next_attempt(now)
+            step = call.next_attempt(self._clock())
             if isinstance(step, Refusal):
                 if last is not None:
                     return last  # Envoy answers with the last response when it cannot retry
@@ -135,15 +162,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 last = None
             request.url = attempt_url(original, step.address, step.port, path)
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
-            if call.deadline is not None:
-                request.headers[DEADLINE_HEADER] = deadline_to_header(call.deadline, now)
             started = self._clock()
+            if call.deadline is not None and deadline_header is not None:
+                request.headers[deadline_header] = deadline_to_header(call.deadline, started)
             try:
                 async with asyncio.timeout(step.timeout):
                     response = await self._inner.handle_async_request(request)
-            except asyncio.CancelledError:
-                call.abandon(step)
-                raise
             except (httpx.TransportError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
                     exc = httpx.ReadTimeout(
@@ -160,9 +184,14 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                         request=request,
                     ) from exc
                 raise exc from None
+            except BaseException:
+                call.abandon(step)  # cancelled, or a bug below us: free the slot, learn nothing
+                raise
             end = self._clock()
-            verdict = call.finish(step, outcome_of(response, started, end), end)
+            verdict = call.finish(step, outcome_of(response, started, end), end, hold=True)
             if not verdict.retry:
+                if step.held is not None:
+                    response.stream = _Releasing(response.stream, call, step)
                 return response
             last = response
             await asyncio.sleep(verdict.delay)
@@ -170,14 +199,18 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def _wait_for_slot(self, call: Call, attempt: Attempt, request: httpx.Request) -> None:
         """Wait for the destination's pool to admit a queued attempt, within the deadline."""
         pause = 0.0005
-        while not call.promote(attempt, self._clock()):
-            if call.deadline is not None and self._clock() >= call.deadline:
-                call.abandon(attempt)
-                raise DeadlineExceededError(
-                    f"{call.destination.name}: deadline exceeded waiting for a connection-pool slot", request=request
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.01)
+        try:
+            while not call.promote(attempt, self._clock()):
+                if call.deadline is not None and self._clock() >= call.deadline:
+                    raise DeadlineExceededError(
+                        f"{call.destination.name}: deadline exceeded waiting for a connection-pool slot",
+                        request=request,
+                    )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.01)
+        except BaseException:
+            call.abandon(attempt)  # still queued: leave the queue
+            raise
 
     async def _buffer(self, request: httpx.Request) -> bool:
         """Keep the body so it can be resent: whole when small, else stream it once."""
@@ -202,49 +235,51 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return True
 
     def _mirror(self, destinations: tuple[Destination, ...], request: httpx.Request, path: str | None) -> None:
+        body = b"".join(request.stream) if isinstance(request.stream, httpx.ByteStream) else b""
         for dest in destinations:
             if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT:
                 log.debug("mirror to %s dropped: %d copies in flight", dest.name, len(self._mirrors))
                 return
-            task = asyncio.get_running_loop().create_task(self._send_mirror(dest, request, path))
+            copy = shadow_request(request, body)  # now: the real request's attempts will change it
+            task = asyncio.get_running_loop().create_task(self._send_mirror(dest, copy, path))
             self._mirrors.add(task)
             task.add_done_callback(self._mirrors.discard)
 
-    async def _send_mirror(self, dest: Destination, request: httpx.Request, path: str | None) -> None:
+    async def _send_mirror(self, dest: Destination, copy: httpx.Request, path: str | None) -> None:
         """Fire and forget: one attempt, response discarded, errors only logged."""
-        outbound = self._mesh.outbound
         now = self._clock()
         call = Call(
-            dest, RetryPolicy(), method=request.method, replayable=True, deadline=None, now=now, rng=outbound.rng
+            dest,
+            RetryPolicy(),
+            method=copy.method,
+            replayable=True,
+            deadline=None,
+            now=now,
+            rng=self._mesh.outbound.rng,
         )
         try:
             step = call.next_attempt(now)
-            if isinstance(step, Refusal) or step.queued:
-                if isinstance(step, Attempt):
-                    call.abandon(step)
+            if isinstance(step, Refusal):
                 return
-            host = request.headers.get("host", "")
-            headers = request.headers.copy()
-            headers["host"] = f"{host.split(':', 1)[0]}-shadow" + (f":{host.split(':', 1)[1]}" if ":" in host else "")
-            copy = httpx.Request(
-                request.method,
-                attempt_url(request.url, step.address, step.port, path),
-                headers=headers,
-                content=b"".join(request.stream) if isinstance(request.stream, httpx.ByteStream) else b"",
-            )
-            with_timeouts(copy, 5.0, dest.pool.connect_timeout)
+            if step.queued:
+                call.abandon(step)  # a shadow never waits for a slot
+                return
+            copy.url = attempt_url(copy.url, step.address, step.port, path)
+            with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
             started = self._clock()
             try:
-                response = await self._inner.handle_async_request(copy)
-                await response.aread()
+                async with asyncio.timeout(MIRROR_TIMEOUT):
+                    response = await self._inner.handle_async_request(copy)
+                    await response.aread()
                 await response.aclose()
                 outcome = outcome_of(response, started)
             except (httpx.TransportError, TimeoutError) as exc:
                 outcome = Outcome.failed(failure_of(exc), duration=self._clock() - started)
-                log.debug("mirror to %s failed: %s", dest.name, exc)
+                log.debug("mirror to %s failed: %r", dest.name, exc)
+            except BaseException:
+                call.abandon(step)
+                raise
             call.finish(step, outcome, self._clock())
-        except RequestPathError as exc:  # pragma: no cover - defensive: a mirror never raises
-            log.debug("mirror to %s refused: %s", dest.name, exc)
         finally:
             call.close()
 

@@ -12,17 +12,20 @@ import time
 
 import httpx
 
+from .._exceptions import RequestPathError
 from ..engine import Failure, HeaderOps, LocalReply, Outcome, RequestView
 
 __all__ = [
     "DEFAULT_REPLAY_LIMIT",
-    "apply_header_ops",
     "FLAGS_EXTENSION",
+    "apply_header_ops",
+    "attach_request",
     "attempt_url",
     "failure_of",
     "local_response",
     "outcome_of",
     "request_view",
+    "shadow_request",
     "with_timeouts",
 ]
 
@@ -89,7 +92,8 @@ def outcome_of(response: httpx.Response, started: float, now: float | None = Non
     retry_after = None
     if response.status_code in (429, 503):
         retry_after = parse_retry_after(response.headers.get("retry-after"))
-    return Outcome.response(response.status_code, retry_after=retry_after, duration=(now or time.monotonic()) - started)
+    end = now if now is not None else time.monotonic()
+    return Outcome.response(response.status_code, retry_after=retry_after, duration=end - started)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -104,6 +108,27 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def shadow_request(request: httpx.Request, body: bytes) -> httpx.Request:
+    """The copy of a request a mirror sends: same method, URL, headers and body; Host gets ``-shadow``.
+
+    Built before the real request goes on, so the copy never sees what its
+    attempts change (the URL of an endpoint, the deadline header).
+    """
+    headers = request.headers.copy()
+    name, sep, port = headers.get("host", "").partition(":")
+    headers["host"] = f"{name}-shadow{sep}{port}"
+    return httpx.Request(request.method, request.url, headers=headers, content=body)
+
+
+def attach_request(exc: RequestPathError, request: httpx.Request) -> RequestPathError:
+    """Engines raise without the httpx request; give it to the error so ``exc.request`` works."""
+    try:
+        exc.request  # noqa: B018 - the property raises when none is set
+    except RuntimeError:
+        exc.request = request
+    return exc
 
 
 def local_response(reply: LocalReply, request: httpx.Request) -> httpx.Response:

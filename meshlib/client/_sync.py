@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .._exceptions import DeadlineExceededError
+from .._exceptions import DeadlineExceededError, RequestPathError
 from ..engine import (
-    DEADLINE_HEADER,
     Attempt,
     Call,
     Destination,
@@ -31,15 +30,17 @@ from ..engine import (
     current_deadline,
     deadline_to_header,
 )
-from ._async import MAX_MIRRORS_IN_FLIGHT
+from ._async import MAX_MIRRORS_IN_FLIGHT, MIRROR_TIMEOUT
 from ._common import (
     DEFAULT_REPLAY_LIMIT,
     apply_header_ops,
+    attach_request,
     attempt_url,
     failure_of,
     local_response,
     outcome_of,
     request_view,
+    shadow_request,
     with_timeouts,
 )
 
@@ -59,6 +60,26 @@ class _Chained(httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         yield from self._head
         yield from self._rest
+
+
+class _Releasing(httpx.SyncByteStream):
+    """The body of the answer: closing it frees the attempt's pool slot and in-flight count."""
+
+    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, call: Call, attempt: Attempt) -> None:
+        self._stream = stream
+        self._call = call
+        self._attempt = attempt
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self._stream, httpx.SyncByteStream)
+        yield from self._stream
+
+    def close(self) -> None:
+        try:
+            if isinstance(self._stream, httpx.SyncByteStream):
+                self._stream.close()
+        finally:
+            self._call.release(self._attempt)
 
 
 class MeshTransport(httpx.BaseTransport):
@@ -83,11 +104,14 @@ class MeshTransport(httpx.BaseTransport):
         self._mirror_lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        outbound = self._mesh.outbound
+        outbound = self._mesh.outbound  # one snapshot for the whole request
         replayable = self._buffer(request)
-        plan = outbound.plan(
-            request_view(request), self._clock(), replayable=replayable, caller_deadline=current_deadline.get()
-        )
+        try:
+            plan = outbound.plan(
+                request_view(request), self._clock(), replayable=replayable, caller_deadline=current_deadline.get()
+            )
+        except RequestPathError as exc:
+            raise attach_request(exc, request) from None
         if isinstance(plan, Passthrough):
             return self._inner.handle_request(request)
         if isinstance(plan, LocalReply):
@@ -103,7 +127,7 @@ class MeshTransport(httpx.BaseTransport):
                 request.headers["host"] = plan.authority
             if plan.mirrors and replayable:
                 self._mirror(plan.mirrors, request, plan.path)
-            response = self._attempts(plan.call, request, original, plan.path)
+            response = self._attempts(plan.call, request, original, plan.path, outbound.deadline_header)
             if plan.response_headers:
                 response.headers = apply_header_ops(response.headers, plan.response_headers)
             return response
@@ -111,14 +135,15 @@ class MeshTransport(httpx.BaseTransport):
             request.url = original
             plan.call.close()
 
-    def _attempts(self, call: Call, request: httpx.Request, original: httpx.URL, path: str | None) -> httpx.Response:
+    def _attempts(
+        self, call: Call, request: httpx.Request, original: httpx.URL, path: str | None, deadline_header: str | None
+    ) -> httpx.Response:
         last: httpx.Response | None = None
         while True:
-            now = self._clock()
-            step = call.next_attempt(now)
+            step = call.next_attempt(self._clock())
             if isinstance(step, Refusal):
                 if last is not None:
-                    return last
+                    return last  # Envoy answers with the last response when it cannot retry
                 raise step.error(step.message, request=request)
             if step.queued:
                 self._wait_for_slot(call, step, request)
@@ -127,9 +152,9 @@ class MeshTransport(httpx.BaseTransport):
                 last = None
             request.url = attempt_url(original, step.address, step.port, path)
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
-            if call.deadline is not None:
-                request.headers[DEADLINE_HEADER] = deadline_to_header(call.deadline, now)
             started = self._clock()
+            if call.deadline is not None and deadline_header is not None:
+                request.headers[deadline_header] = deadline_to_header(call.deadline, started)
             try:
                 response = self._inner.handle_request(request)
             except httpx.TransportError as exc:
@@ -145,25 +170,32 @@ class MeshTransport(httpx.BaseTransport):
                     ) from exc
                 raise
             except BaseException:
-                call.abandon(step)
+                call.abandon(step)  # interrupted, or a bug below us: free the slot, learn nothing
                 raise
             end = self._clock()
-            verdict = call.finish(step, outcome_of(response, started, end), end)
+            verdict = call.finish(step, outcome_of(response, started, end), end, hold=True)
             if not verdict.retry:
+                if step.held is not None:
+                    response.stream = _Releasing(response.stream, call, step)
                 return response
             last = response
             self._sleep(verdict.delay)
 
     def _wait_for_slot(self, call: Call, attempt: Attempt, request: httpx.Request) -> None:
+        """Wait for the destination's pool to admit a queued attempt, within the deadline."""
         pause = 0.0005
-        while not call.promote(attempt, self._clock()):
-            if call.deadline is not None and self._clock() >= call.deadline:
-                call.abandon(attempt)
-                raise DeadlineExceededError(
-                    f"{call.destination.name}: deadline exceeded waiting for a connection-pool slot", request=request
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
+        try:
+            while not call.promote(attempt, self._clock()):
+                if call.deadline is not None and self._clock() >= call.deadline:
+                    raise DeadlineExceededError(
+                        f"{call.destination.name}: deadline exceeded waiting for a connection-pool slot",
+                        request=request,
+                    )
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+        except BaseException:
+            call.abandon(attempt)  # still queued: leave the queue
+            raise
 
     def _buffer(self, request: httpx.Request) -> bool:
         stream = request.stream
@@ -196,45 +228,56 @@ class MeshTransport(httpx.BaseTransport):
                 self._mirrors_in_flight += 1
                 if self._mirror_pool is None:
                     self._mirror_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshlib-mirror")
-            headers = request.headers.copy()
-            host = headers.get("host", "")
-            name, sep, port = host.partition(":")
-            headers["host"] = f"{name}-shadow{sep}{port}"
-            copy = httpx.Request(request.method, request.url, headers=headers, content=body)
-            self._mirror_pool.submit(self._send_mirror, dest, copy, path)
+                pool = self._mirror_pool
+            try:
+                pool.submit(self._send_mirror, dest, shadow_request(request, body), path)
+            except RuntimeError:  # the transport was closed meanwhile
+                with self._mirror_lock:
+                    self._mirrors_in_flight -= 1
+                return
 
     def _send_mirror(self, dest: Destination, copy: httpx.Request, path: str | None) -> None:
-        now = self._clock()
-        call = Call(
-            dest,
-            RetryPolicy(),
-            method=copy.method,
-            replayable=True,
-            deadline=None,
-            now=now,
-            rng=self._mesh.outbound.rng,
-        )
+        """Fire and forget: one attempt, response discarded, errors only logged."""
         try:
-            step = call.next_attempt(now)
-            if isinstance(step, Refusal):
-                return
-            if step.queued:
-                call.abandon(step)
-                return
-            copy.url = attempt_url(copy.url, step.address, step.port, path)
-            with_timeouts(copy, 5.0, dest.pool.connect_timeout)
-            started = self._clock()
+            now = self._clock()
+            call = Call(
+                dest,
+                RetryPolicy(),
+                method=copy.method,
+                replayable=True,
+                deadline=None,
+                now=now,
+                rng=self._mesh.outbound.rng,
+            )
             try:
-                response = self._inner.handle_request(copy)
-                response.read()
-                response.close()
-                outcome = outcome_of(response, started)
-            except httpx.TransportError as exc:
-                outcome = Outcome.failed(failure_of(exc), duration=self._clock() - started)
-                log.debug("mirror to %s failed: %s", dest.name, exc)
-            call.finish(step, outcome, self._clock())
+                step = call.next_attempt(now)
+                if isinstance(step, Refusal):
+                    return
+                if step.queued:
+                    call.abandon(step)  # a shadow never waits for a slot
+                    return
+                copy.url = attempt_url(copy.url, step.address, step.port, path)
+                with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
+                started = self._clock()
+                try:
+                    response = self._inner.handle_request(copy)
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
+                    outcome = outcome_of(response, started)
+                except httpx.TransportError as exc:
+                    outcome = Outcome.failed(failure_of(exc), duration=self._clock() - started)
+                    log.debug("mirror to %s failed: %r", dest.name, exc)
+                except BaseException:
+                    call.abandon(step)
+                    raise
+                call.finish(step, outcome, self._clock())
+            finally:
+                call.close()
+        except Exception:  # pragma: no cover - defensive: a mirror never hurts the caller
+            log.exception("mirror to %s failed", dest.name)
         finally:
-            call.close()
             with self._mirror_lock:
                 self._mirrors_in_flight -= 1
 

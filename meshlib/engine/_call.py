@@ -27,7 +27,7 @@ from .._exceptions import (
 )
 from ..policy import Endpoint
 from ._destination import Destination
-from ._outcome import Outcome
+from ._outcome import Failure, Outcome
 from ._pool import Admission
 from ._retry import RetryPolicy
 
@@ -49,6 +49,11 @@ class Attempt:
     queued: bool = False
     """The pool is full: wait for ``Call.promote`` before sending."""
     budgeted: bool = False
+    held: float | None = None
+    """Set while the caller reads the response (``finish(hold=True)``): the attempt's duration."""
+    deadline_bound: bool = False
+    """``timeout`` is the time left before the request's deadline (not a shorter per-try timeout):
+    timing out means the deadline passed."""
 
     @property
     def is_retry(self) -> bool:
@@ -167,28 +172,33 @@ class Call:
         self._tried.add(key)
         if endpoint is not None:
             dest.balancer.start(endpoint)
+        timeout, bound = self._attempt_timeout(now)
         return Attempt(
             number,
             key,
             endpoint,
             address,
             port,
-            self._attempt_timeout(now),
+            timeout,
             queued=admission is Admission.QUEUE,
+            deadline_bound=bound,
         )
 
-    def _attempt_timeout(self, now: float) -> float | None:
+    def _attempt_timeout(self, now: float) -> tuple[float | None, bool]:
+        """The attempt's timeout, and whether it is the deadline's (rather than the per-try timeout)."""
         per_try = self.retry.per_try_timeout
-        remaining = None if self.deadline is None else max(0.0, self.deadline - now)
-        if per_try is None:
-            return remaining
-        return per_try if remaining is None else min(per_try, remaining)
+        if self.deadline is None:
+            return per_try, False
+        remaining = max(0.0, self.deadline - now)
+        if per_try is None or remaining <= per_try:
+            return remaining, True
+        return per_try, False
 
     def promote(self, attempt: Attempt, now: float) -> bool:
         """A queued attempt may go once the pool frees a slot; refresh its timeout then."""
         if self.destination.pool.promote():
             attempt.queued = False
-            attempt.timeout = self._attempt_timeout(now)
+            attempt.timeout, attempt.deadline_bound = self._attempt_timeout(now)
             return True
         return False
 
@@ -206,18 +216,45 @@ class Call:
         dest.breaker.release_probe()
         self._end_retry(attempt)
 
-    def finish(self, attempt: Attempt, outcome: Outcome, now: float) -> Verdict:
-        """Learn from the attempt's outcome and decide: retry after a delay, or stop."""
+    def finish(self, attempt: Attempt, outcome: Outcome, now: float, *, hold: bool = False) -> Verdict:
+        """Learn from the attempt's outcome and decide: retry after a delay, or stop.
+
+        ``hold``: the adapter streams the response body to the caller if the verdict
+        is to stop. The attempt then keeps its pool slot and counts as in flight on
+        its endpoint (as Envoy counts a stream until it ends) until :meth:`release`,
+        which the adapter calls when the body is closed.
+        """
         dest = self.destination
-        dest.pool.release(is_retry=attempt.is_retry)
         if attempt.endpoint is not None:
-            dest.balancer.finish(attempt.endpoint, outcome.duration)
             dest.outlier.record(attempt.key, outcome, now)
         dest.breaker.record(outcome, now)
         self._end_retry(attempt)
+        verdict = self._verdict(attempt, outcome, now)
+        if hold and not verdict.retry and outcome.failure is None:
+            attempt.held = outcome.duration
+        else:
+            self._free(attempt, outcome.duration)
+        return verdict
+
+    def release(self, attempt: Attempt) -> None:
+        """The response a held attempt answered with is closed: free its slot (once; later calls do nothing)."""
+        duration, attempt.held = attempt.held, None
+        if duration is not None:
+            self._free(attempt, duration)
+
+    def _free(self, attempt: Attempt, duration: float) -> None:
+        self.destination.pool.release(is_retry=attempt.is_retry)
+        if attempt.endpoint is not None:
+            self.destination.balancer.finish(attempt.endpoint, duration)
+
+    def _verdict(self, attempt: Attempt, outcome: Outcome, now: float) -> Verdict:
+        dest = self.destination
         decision = self.retry.decide(
             outcome, attempt=attempt.number, method=self.method, replayable=self.replayable, rng=self._rng
         )
+        if outcome.failure is Failure.TIMEOUT and attempt.deadline_bound:
+            # The attempt ran until the request's deadline: nothing is left for a retry.
+            return Verdict(False, reason="deadline", error=DeadlineExceededError, flag="UT")
         if not decision.retry:
             if outcome.failure is None:
                 return _DONE

@@ -34,6 +34,7 @@ class Destination:
         "balancer",
         "breaker",
         "budget",
+        "budget_spec",
         "dns_target",
         "endpoints",
         "host",
@@ -62,7 +63,10 @@ class Destination:
         policy: TrafficPolicy | None = view.traffic_policy
         self.policy = policy
         self.endpoints: tuple[Endpoint, ...] = view.endpoints
-        same_policy = previous is not None and previous.policy == policy
+        self.budget_spec = mesh_config.retry_budget
+        same_policy = (
+            previous is not None and previous.policy == policy and previous.budget_spec == mesh_config.retry_budget
+        )
         in_flight = previous.balancer.in_flight if previous is not None else None
         if previous is not None and previous.endpoints == self.endpoints and same_policy:
             self.balancer: Balancer = previous.balancer
@@ -74,10 +78,11 @@ class Destination:
             key: (ep.address, ep.port_for(service_port) if service_port is not None else (port or 80))
             for key, ep in zip(self.balancer.keys, self.endpoints, strict=True)
         }
-        # A host the mesh routes but whose endpoints it does not know (no ServiceEntry):
+        # A host the mesh routes but whose endpoints it does not know (no ServiceEntry, or
+        # one with ``resolution: DNS`` or ``NONE`` and no endpoints, as Istio reads it):
         # its policy still applies, and the connection goes to the name through DNS.
         self.dns_target: tuple[str, int] | None = None
-        if service is None:
+        if service is None or (not service.endpoints and service.resolution != "STATIC"):
             self.dns_target = (self.host, port or 80)
         if previous is not None and same_policy:
             self.outlier: OutlierDetector = previous.outlier
@@ -86,6 +91,7 @@ class Destination:
             self.budget: RetryBudget | None = previous.budget
             self.pool: PoolLimits = previous.pool
         else:
+            # A changed policy starts its state afresh; the breaker, which no policy configures, carries on.
             self.outlier = OutlierDetector(policy.outlier_detection if policy else None, self.balancer.keys)
             self.breaker = previous.breaker if previous is not None else Breaker(rng=rng)
             self.budget = RetryBudget.from_policy(mesh_config.retry_budget, policy.retry_budget if policy else None)

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .._exceptions import RateLimitedError, UnknownHostError
-from ..policy import Snapshot, Workload
+from .._exceptions import PolicyError, RateLimitedError, UnknownHostError
+from ..policy import RateLimitPolicy, Snapshot, VirtualService, Workload, canonical_host
 from ..policy._networking import HTTPRoute
 from ._balancer import hash_key_for
 from ._call import Call
@@ -83,19 +83,31 @@ class Outbound:
         self.registry_only = config.outbound_traffic_policy.mode == "REGISTRY_ONLY"
         self.default_timeout = config.default_timeout
         self._default_retry = RetryPolicy.compile(None, config.default_retry)
+        propagation = config.deadline_propagation
+        self.deadline_header: str | None = propagation.header if propagation.enabled else None
+        """Header carrying the remaining deadline to the next hop; ``None``: propagation is off."""
         self._retries: dict[int, tuple[HTTPRoute, RetryPolicy]] = {}
         self._destinations: dict[DestinationKey, Destination] = {}
-        self._previous = dict(previous._destinations) if previous is not None else {}
         self._lock = threading.Lock()
         self._namespace = workload.namespace if workload is not None else "default"
         self._source_labels: Mapping[str, str] = workload.all_labels if workload is not None else {}
         self._limits: dict[str, RateLimiterEngine] = {}
+        self._limit_policies: dict[str, tuple[RateLimitPolicy, ...]] = {}
         if workload is not None:
-            by_host: dict[str, list[object]] = {}
+            by_host: dict[str, list[RateLimitPolicy]] = {}
             for policy in snapshot.rate_limits(workload, "CLIENT"):
                 host = snapshot.canonical(policy.spec.host or "", policy.namespace)
                 by_host.setdefault(host, []).append(policy)
-            self._limits = {h: RateLimiterEngine(p) for h, p in by_host.items()}  # type: ignore[arg-type]
+            for host, policies in by_host.items():
+                key = tuple(policies)
+                self._limit_policies[host] = key
+                kept = previous._limits.get(host) if previous is not None else None
+                if kept is not None and previous is not None and previous._limit_policies.get(host) == key:
+                    self._limits[host] = kept  # same limits: the counters carry on
+                else:
+                    self._limits[host] = RateLimiterEngine(policies)
+        if previous is not None:
+            self._carry_over(previous)
 
     @property
     def version(self) -> str:
@@ -103,9 +115,35 @@ class Outbound:
 
     # -- engines per destination ----------------------------------------------------
 
-    def destination(self, target: RouteTarget) -> Destination:
-        """The engines of a cluster, built on first use and kept for the snapshot's life."""
-        key: DestinationKey = (target.host, target.subset, target.port)
+    def _carry_over(self, previous: Outbound) -> None:
+        """Rebuild every cluster the previous snapshot had, handing each its state.
+
+        Done now rather than on first use, so state survives any number of swaps
+        made while a destination sees no traffic, and never outlives a change.
+        """
+        hosts = set(self.snapshot.hosts)
+        for vs in self.snapshot.of_kind(VirtualService):
+            for route in vs.spec.http or ():
+                targets = [d.destination for d in route.route] + [d for d, _ in route.mirror_targets]
+                hosts.update(canonical_host(d.host, vs.namespace) for d in targets)
+        for key, old in list(previous._destinations.items()):  # a copy: requests may add to it meanwhile
+            host, subset, port = key
+            if host not in hosts:
+                continue  # the host left the configuration: so does its state
+            try:
+                view = self.snapshot.subset(host, subset)
+            except PolicyError:
+                continue  # the subset is gone
+            service = self.snapshot.service(host)
+            self._destinations[key] = Destination(view, service, port, self.snapshot.mesh_config, self.rng, old)
+
+    def destination(self, target: RouteTarget, port: int | None = None) -> Destination:
+        """The engines of a cluster, built on first use and kept for the snapshot's life.
+
+        ``port`` is the request's port, used when the route's destination names none
+        (Istio sends to the service port the request came in on).
+        """
+        key: DestinationKey = (target.host, target.subset, target.port if target.port is not None else port)
         dest = self._destinations.get(key)
         if dest is not None:
             return dest
@@ -114,9 +152,7 @@ class Outbound:
             if dest is None:
                 view = self.snapshot.subset(target.host, target.subset)
                 service = self.snapshot.service(target.host)
-                dest = Destination(
-                    view, service, target.port, self.snapshot.mesh_config, self.rng, self._previous.get(key)
-                )
+                dest = Destination(view, service, key[2], self.snapshot.mesh_config, self.rng)
                 self._destinations[key] = dest
             return dest
 
@@ -181,7 +217,8 @@ class Outbound:
                     f"client rate limit {verdict.limit} of {verdict.policy} refused the call to {target.host};"
                     f" retry after {verdict.retry_after:.3f}s"
                 )
-        dest = self.destination(target)
+        port = request.port
+        dest = self.destination(target, port)
         if decision.fault_injected:
             # Istio applies neither the route's timeout nor its retries to a faulted request.
             retry = RetryPolicy()
@@ -206,7 +243,7 @@ class Outbound:
             rng=self.rng,
             hash_key=hash_key,
         )
-        mirrors = tuple(self.destination(m) for m in decision.mirrors)
+        mirrors = tuple(self.destination(m, port) for m in decision.mirrors)
         return Proceed(
             call,
             decision,

@@ -47,6 +47,7 @@ from ._outcome import Failure, Outcome
 __all__ = [
     "DEFAULT_BACKOFF_BASE",
     "IDEMPOTENT_METHODS",
+    "MAX_RETRY_AFTER",
     "RetryDecision",
     "RetryPolicy",
     "RetryReason",
@@ -56,6 +57,10 @@ __all__ = [
 
 DEFAULT_BACKOFF_BASE = 0.025
 """Envoy's base retry interval (25 ms); the cap is 10 times the base."""
+
+MAX_RETRY_AFTER = 300.0
+"""A longer ``Retry-After`` is discarded for the usual backoff (Envoy's ``max_interval`` default):
+a request with no deadline must not hang for whatever a server asks."""
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """RFC 9110 idempotent methods: repeating them has the effect of doing them once."""
@@ -271,7 +276,7 @@ class RetryPolicy:
             return _NO[RetryReason.NON_IDEMPOTENT]
         if not replayable:
             return _NO[RetryReason.NOT_REPLAYABLE]
-        if outcome.retry_after is not None:
+        if outcome.retry_after is not None and outcome.retry_after <= MAX_RETRY_AFTER:
             delay = 0.0 if _testing else max(0.0, outcome.retry_after)
         else:
             delay = self.backoff(attempt, rng)
