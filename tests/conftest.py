@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# The corpus is real Istio configuration kept beside the project (../shared/corpus/istio,
+# The corpus is real Istio configuration (a copy of ../shared/corpus/istio in tests/fixtures,
 # copied unchanged from istio/istio, Apache-2.0; see its README). Tests read it in place.
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "istio"
+from _corpus import CORPUS
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _corpus import CORPUS
 
 from meshlib.engine._router import HeaderOps, RequestView, RouteDecision, Router, RouteTarget
 from meshlib.policy import Snapshot
-
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "istio"
 
 BOOKINFO_REGISTRY = """
 apiVersion: networking.istio.io/v1

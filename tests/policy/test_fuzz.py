@@ -66,7 +66,7 @@ def budget(ci_examples: int) -> settings:
 
 # ------------------------------------------------------------------------ the vocabulary
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "istio"
+from _corpus import CORPUS  # noqa: E402
 
 
 def _models() -> Iterator[type[BaseModel]]:

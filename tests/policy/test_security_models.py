@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from _corpus import CORPUS
 from pydantic import ValidationError
 
 from meshlib.policy._base import unenforced_fields
@@ -20,7 +20,6 @@ from meshlib.policy._security import (
     parse_ip_block,
 )
 
-CORPUS = Path(__file__).parents[2] / ".." / "shared" / "corpus" / "istio"
 SPECS: dict[str, type[AuthorizationPolicySpec] | type[PeerAuthenticationSpec]] = {
     "AuthorizationPolicy": AuthorizationPolicySpec,
     "PeerAuthentication": PeerAuthenticationSpec,
