@@ -103,9 +103,17 @@ class CircuitOpenError(RequestPathError):
 
 
 class RateLimitedError(RequestPathError):
-    """A client-side rate limit refused the request before it left."""
+    """A client-side rate limit refused the request before it left.
+
+    ``retry_after`` is how many seconds to wait before the limit lets a request
+    through again (0.0 when unknown).
+    """
 
     response_flag = "RL"
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None, retry_after: float = 0.0) -> None:
+        super().__init__(message, request=request)
+        self.retry_after = retry_after
 
 
 class NoHealthyUpstreamError(RequestPathError):

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from meshlib.policy import KINDS
-from meshlib.policy._base import UNENFORCED_KEY
+from meshlib.policy._base import ENFORCED_VALUES_KEY, UNENFORCED_KEY
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "istio-support.md"
 
@@ -55,7 +55,15 @@ def _rows(model: type[BaseModel], prefix: str, seen: frozenset[type[BaseModel]])
         path = f"{prefix}.{info.alias or name}" if prefix else (info.alias or name)
         extra = info.json_schema_extra
         why = extra.get(UNENFORCED_KEY) if isinstance(extra, dict) else None
-        yield path, f"not enforced: {why}" if why is not None else "accepted"
+        enforced = extra.get(ENFORCED_VALUES_KEY) if isinstance(extra, dict) else None
+        if why is None:
+            status = "accepted"
+        elif isinstance(enforced, list) and enforced:
+            shown = ", ".join(f"`{v}`" for v in enforced)
+            status = f"partly enforced: only {shown}; other values are not enforced: {why}"
+        else:
+            status = f"not enforced: {why}"
+        yield path, status
         if why is not None:
             continue
         for sub in dict.fromkeys(_models(info.annotation)):

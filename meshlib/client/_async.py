@@ -41,6 +41,7 @@ from ._common import (
     shadow_request,
     with_timeouts,
 )
+from ._fasthttp import FastAsyncTransport
 
 if TYPE_CHECKING:
     from ..mesh import Mesh
@@ -94,8 +95,10 @@ class _Releasing(httpx.AsyncByteStream):
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
     """Routes, balances, retries and limits every request by the mesh's policy.
 
-    ``inner`` sends the attempts (default: ``httpx.AsyncHTTPTransport()``); a host
-    outside the mesh goes to it untouched. Bodies up to ``replay_limit`` bytes are
+    ``inner`` sends the attempts (default: meshlib's ``FastAsyncTransport``, HTTP/1.1
+    with a keep-alive pool per origin, raising httpx's own exceptions; pass
+    ``httpx.AsyncHTTPTransport()`` for HTTP/2 or proxies); a host outside the mesh
+    goes to it untouched. Bodies up to ``replay_limit`` bytes are
     kept so retries can resend them; a longer streamed body is sent once.
     """
 
@@ -108,7 +111,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._mesh = mesh
-        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
+        self._inner = inner if inner is not None else FastAsyncTransport()
         self._replay_limit = replay_limit
         self._clock = clock
         self._mirrors: set[asyncio.Task[None]] = set()
@@ -125,6 +128,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         if isinstance(plan, Passthrough):
             return await self._inner.handle_async_request(request)
         if isinstance(plan, LocalReply):
+            if plan.delay:
+                await asyncio.sleep(plan.delay)
             return local_response(plan, request)
         assert isinstance(plan, Proceed)
         original = request.url
@@ -161,6 +166,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 await last.aclose()
                 last = None
             request.url = attempt_url(original, step.address, step.port, path)
+            if step.close_connection:
+                request.headers["connection"] = "close"  # maxRequestsPerConnection: 1
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
             started = self._clock()
             if call.deadline is not None and deadline_header is not None:
@@ -265,6 +272,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 call.abandon(step)  # a shadow never waits for a slot
                 return
             copy.url = attempt_url(copy.url, step.address, step.port, path)
+            if step.close_connection:
+                copy.headers["connection"] = "close"
             with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
             started = self._clock()
             try:

@@ -133,9 +133,7 @@ def attach_request(exc: RequestPathError, request: httpx.Request) -> RequestPath
 
 def local_response(reply: LocalReply, request: httpx.Request) -> httpx.Response:
     headers: list[tuple[str, str]] = [("content-length", str(len(reply.body)))]
-    if reply.body:
-        headers.append(("content-type", "text/plain"))
-    headers.extend(reply.headers)
+    headers.extend(reply.headers)  # the engine's, with the route's response header operations applied
     response = httpx.Response(reply.status, headers=headers, content=reply.body, request=request)
     if reply.flag:
         response.extensions[FLAGS_EXTENSION] = reply.flag

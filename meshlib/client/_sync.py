@@ -115,6 +115,8 @@ class MeshTransport(httpx.BaseTransport):
         if isinstance(plan, Passthrough):
             return self._inner.handle_request(request)
         if isinstance(plan, LocalReply):
+            if plan.delay:
+                self._sleep(plan.delay)
             return local_response(plan, request)
         assert isinstance(plan, Proceed)
         original = request.url
@@ -151,6 +153,8 @@ class MeshTransport(httpx.BaseTransport):
                 last.close()
                 last = None
             request.url = attempt_url(original, step.address, step.port, path)
+            if step.close_connection:
+                request.headers["connection"] = "close"  # maxRequestsPerConnection: 1
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
             started = self._clock()
             if call.deadline is not None and deadline_header is not None:
@@ -257,6 +261,8 @@ class MeshTransport(httpx.BaseTransport):
                     call.abandon(step)  # a shadow never waits for a slot
                     return
                 copy.url = attempt_url(copy.url, step.address, step.port, path)
+                if step.close_connection:
+                    copy.headers["connection"] = "close"
                 with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
                 started = self._clock()
                 try:

@@ -51,6 +51,9 @@ class Attempt:
     budgeted: bool = False
     held: float | None = None
     """Set while the caller reads the response (``finish(hold=True)``): the attempt's duration."""
+    close_connection: bool = False
+    """Send ``connection: close``: the destination allows one request per connection
+    (``maxRequestsPerConnection: 1``, keep-alive off)."""
     deadline_bound: bool = False
     """``timeout`` is the time left before the request's deadline (not a shorter per-try timeout):
     timing out means the deadline passed."""
@@ -152,7 +155,8 @@ class Call:
             address, port = dest.dns_target
         else:
             ejected = dest.outlier.ejected(now)
-            exclude: frozenset[str] | set[str] = ejected | self._tried if self._tried else ejected
+            avoid = self._tried if self.retry.avoid_previous_hosts else None
+            exclude: frozenset[str] | set[str] = ejected | avoid if avoid else ejected
             endpoint = dest.balancer.pick(self._rng, exclude=exclude, hash_key=self._hash_key)
             if endpoint is None and self._tried:
                 # Every healthy endpoint was tried: a retry may go back to one of them.
@@ -181,6 +185,7 @@ class Call:
             port,
             timeout,
             queued=admission is Admission.QUEUE,
+            close_connection=dest.close_connections,
             deadline_bound=bound,
         )
 

@@ -35,6 +35,7 @@ class Destination:
         "breaker",
         "budget",
         "budget_spec",
+        "close_connections",
         "dns_target",
         "endpoints",
         "host",
@@ -63,6 +64,10 @@ class Destination:
         policy: TrafficPolicy | None = view.traffic_policy
         self.policy = policy
         self.endpoints: tuple[Endpoint, ...] = view.endpoints
+        pool_http = policy.connection_pool.http if policy is not None and policy.connection_pool else None
+        # maxRequestsPerConnection: 1 is Istio's "keep-alive off": every attempt asks the upstream to close.
+        # Other limits (2 and up) are not enforced: the HTTP client reuses connections at will.
+        self.close_connections = pool_http is not None and pool_http.max_requests_per_connection == 1
         self.budget_spec = mesh_config.retry_budget
         same_policy = (
             previous is not None and previous.policy == policy and previous.budget_spec == mesh_config.retry_budget

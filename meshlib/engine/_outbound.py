@@ -25,7 +25,11 @@ from ._ratelimit import RateKeyInputs, RateLimiterEngine
 from ._retry import RetryPolicy
 from ._router import HeaderOps, RequestView, RouteDecision, Router, RouteTarget
 
-__all__ = ["LocalReply", "Outbound", "Passthrough", "Plan", "Proceed"]
+__all__ = ["RETRY_NON_IDEMPOTENT_ANNOTATION", "LocalReply", "Outbound", "Passthrough", "Plan", "Proceed"]
+
+RETRY_NON_IDEMPOTENT_ANNOTATION = "meshlib.io/retry-non-idempotent"
+"""A VirtualService annotated ``"true"`` lets its routes retry POST and other non-idempotent
+methods after the upstream may have seen them (Istio has no field for it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +39,19 @@ class Passthrough:
 
 @dataclass(frozen=True, slots=True)
 class LocalReply:
-    """Answer without sending: no route (404 NR), redirect, direct response, injected abort (FI)."""
+    """Answer without sending: no route (404 NR), redirect, direct response, injected abort (FI).
+
+    ``headers`` are final: the route's response header operations are already
+    applied. ``delay`` (seconds) is waited before answering: a fault whose delay
+    and abort both fired holds the request, then aborts it (as Istio does).
+    """
 
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     flag: str = ""
     decision: RouteDecision | None = None
+    delay: float | None = None
 
 
 @dataclass(slots=True)
@@ -87,6 +97,11 @@ class Outbound:
         self.deadline_header: str | None = propagation.header if propagation.enabled else None
         """Header carrying the remaining deadline to the next hop; ``None``: propagation is off."""
         self._retries: dict[int, tuple[HTTPRoute, RetryPolicy]] = {}
+        self._retry_non_idempotent = frozenset(
+            vs.ref
+            for vs in snapshot.of_kind(VirtualService)
+            if vs.metadata.annotations.get(RETRY_NON_IDEMPOTENT_ANNOTATION, "").strip().lower() == "true"
+        )
         self._destinations: dict[DestinationKey, Destination] = {}
         self._lock = threading.Lock()
         self._namespace = workload.namespace if workload is not None else "default"
@@ -162,11 +177,15 @@ class Outbound:
 
     def retry_policy(self, decision: RouteDecision) -> RetryPolicy:
         route = decision.http_route
-        if route is None or decision.retries is None:
+        non_idempotent = decision.virtual_service in self._retry_non_idempotent
+        if route is None or (decision.retries is None and not non_idempotent):
             return self._default_retry
         cached = self._retries.get(id(route))
         if cached is None:
-            cached = (route, RetryPolicy.compile(decision.retries, self.snapshot.mesh_config.default_retry))
+            policy = RetryPolicy.compile(
+                decision.retries, self.snapshot.mesh_config.default_retry, retry_non_idempotent=non_idempotent
+            )
+            cached = (route, policy)
             self._retries[id(route)] = cached
         return cached[1]
 
@@ -191,14 +210,12 @@ class Outbound:
         if decision.no_route:
             return LocalReply(404, b"no route matched", flag="NR", decision=decision)
         if decision.redirect is not None:
-            return LocalReply(
-                decision.redirect.status, headers=(("location", decision.redirect.location),), decision=decision
-            )
+            return _local(decision, decision.redirect.status, headers=(("location", decision.redirect.location),))
         if decision.direct_response is not None:
             d = decision.direct_response
-            return LocalReply(d.status, d.body, decision=decision)
+            return _local(decision, d.status, d.body)
         if decision.fault_abort is not None:
-            return LocalReply(decision.fault_abort, b"fault filter abort", flag="FI", decision=decision)
+            return _local(decision, decision.fault_abort, b"fault filter abort", flag="FI", delay=decision.fault_delay)
         target = decision.destination
         assert target is not None  # a routed decision always has one
         limiter = self._limits.get(target.host)
@@ -213,9 +230,11 @@ class Outbound:
                 )
             )
             if not verdict.allowed:
+                why = " (its storage failed and failureMode is CLOSED)" if verdict.storage_failed else ""
                 raise RateLimitedError(
-                    f"client rate limit {verdict.limit} of {verdict.policy} refused the call to {target.host};"
-                    f" retry after {verdict.retry_after:.3f}s"
+                    f"client rate limit {verdict.limit} of {verdict.policy} refused the call to {target.host}{why};"
+                    f" retry after {verdict.retry_after:.3f}s",
+                    retry_after=verdict.retry_after,
                 )
         port = request.port
         dest = self.destination(target, port)
@@ -254,3 +273,19 @@ class Outbound:
             decision.fault_delay,
             mirrors,
         )
+
+
+def _local(
+    decision: RouteDecision,
+    status: int,
+    body: bytes = b"",
+    *,
+    headers: tuple[tuple[str, str], ...] = (),
+    flag: str = "",
+    delay: float | None = None,
+) -> LocalReply:
+    """A local answer of a route, with the route's response header operations applied (as Envoy does)."""
+    base = (("content-type", "text/plain"), *headers) if body else headers
+    ops = decision.response_headers
+    final = tuple(ops.apply(base)) if ops else base
+    return LocalReply(status, body, final, flag=flag, decision=decision, delay=delay)

@@ -1,20 +1,26 @@
 """Rate limit decisions from RateLimitPolicy, on the ``limits`` library.
 
-Counting is ``limits``' job (memory here, Redis for global limits); this module
-decides which counters a request touches and turns their state into an answer
-with a ``Retry-After``. ``limits`` reads the wall clock itself; that is the one
-clock an engine does not take as ``now``, and the reason tests of this module use
-real (short) windows.
+Counting is ``limits``' job (memory for a LOCAL backend, the policy's ``storage``
+URI, such as Redis, for a GLOBAL one); this module decides which counters a
+request touches and turns their state into an answer with a ``Retry-After``.
+``limits`` reads the wall clock itself; that is the one clock an engine does not
+take as ``now``, and the reason tests of this module use real (short) windows.
+
+When a GLOBAL storage fails (Redis down), the policy's ``failureMode`` decides:
+OPEN lets the request through, CLOSED refuses it; either way a warning is logged
+when the storage starts failing (and an info line when it is back), never silently.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from limits import RateLimitItem
+from limits.errors import StorageError
 from limits.storage import Storage, storage_from_string
 from limits.strategies import (
     FixedWindowRateLimiter,
@@ -26,6 +32,11 @@ from limits.strategies import (
 from ..policy import RateLimitPolicy, StringMatch
 
 __all__ = ["RateDecision", "RateKeyInputs", "RateLimiterEngine"]
+
+log = logging.getLogger("meshlib.ratelimit")
+
+STORAGE_TIMEOUT = 0.25
+"""Seconds a Redis storage may take to connect or answer before it counts as failed."""
 
 _STRATEGIES: dict[str, type[RateLimiter]] = {
     "FIXED_WINDOW": FixedWindowRateLimiter,
@@ -54,6 +65,8 @@ class RateDecision:
     retry_after: float = 0.0
     limit: str = ""
     policy: str = ""
+    storage_failed: bool = False
+    """Refused because the limit's storage failed and its ``failureMode`` is CLOSED."""
 
 
 _ALLOW = RateDecision(True)
@@ -68,6 +81,8 @@ class _Limit:
     header: str | None
     paths: tuple[StringMatch, ...]
     methods: frozenset[str]
+    storage: str = "memory://"
+    fail_open: bool = True
 
     def applies(self, request: RateKeyInputs) -> bool:
         if self.methods and request.method not in self.methods:
@@ -97,14 +112,20 @@ class RateLimiterEngine:
     """
 
     def __init__(self, policies: Sequence[RateLimitPolicy], storage: Storage | str = "memory://") -> None:
-        self._storage = storage_from_string(storage) if isinstance(storage, str) else storage
-        self._limiters: dict[str, RateLimiter] = {}
+        """``storage`` counts the LOCAL policies; a GLOBAL policy counts in its backend's ``storage``."""
+        self._storage = _sync_storage(storage_from_string(storage)) if isinstance(storage, str) else storage
+        self._storages: dict[str, Storage] = {}
+        self._limiters: dict[tuple[str, str], RateLimiter] = {}
+        self._failing: set[str] = set()
         limits: list[tuple[_Limit, RateLimiter]] = []
         for policy in policies:
             spec = policy.spec
-            limiter = self._limiters.get(spec.strategy)
+            backend = spec.backend
+            uri = backend.storage if backend.type == "GLOBAL" and backend.storage else ""
+            limiter = self._limiters.get((uri, spec.strategy))
             if limiter is None:
-                limiter = self._limiters[spec.strategy] = _STRATEGIES[spec.strategy](self._storage)
+                limiter = _STRATEGIES[spec.strategy](self._storage_for(uri))
+                self._limiters[(uri, spec.strategy)] = limiter
             for i, limit in enumerate(spec.limits):
                 match = limit.match
                 compiled = _Limit(
@@ -115,9 +136,22 @@ class RateLimiterEngine:
                     header=limit.header,
                     paths=tuple(match.paths) if match else (),
                     methods=frozenset(match.methods) if match else frozenset(),
+                    storage=uri or "memory://",
+                    fail_open=backend.failure_mode == "OPEN",
                 )
                 limits.append((compiled, limiter))
         self._limits = tuple(limits)
+
+    def _storage_for(self, uri: str) -> Storage:
+        if not uri:
+            return self._storage
+        storage = self._storages.get(uri)
+        if storage is None:
+            options: dict[str, float | str | bool] = {"wrap_exceptions": True}
+            if uri.startswith("redis"):
+                options.update(socket_connect_timeout=STORAGE_TIMEOUT, socket_timeout=STORAGE_TIMEOUT)
+            storage = self._storages[uri] = _sync_storage(storage_from_string(uri, **options))
+        return storage
 
     def __bool__(self) -> bool:
         return bool(self._limits)
@@ -126,7 +160,8 @@ class RateLimiterEngine:
         """Count the request against every limit it falls under; refuse if any is full.
 
         Every limit is tested before any is hit, so a refused request does not
-        consume the budget of the limits that would have allowed it.
+        consume the budget of the limits that would have allowed it. A limit whose
+        storage fails is skipped (``failureMode: OPEN``) or refuses (``CLOSED``).
         """
         chosen: list[tuple[_Limit, RateLimiter, str]] = []
         for limit, limiter in self._limits:
@@ -134,15 +169,48 @@ class RateLimiterEngine:
                 continue
             value = limit.key_value(request)
             key = f"{limit.policy}/{limit.name}/{'<none>' if value is None else value}"
-            for item in limit.items:
-                if not limiter.test(item, key):
-                    return self._refusal(limit, limiter, item, key)
+            try:
+                for item in limit.items:
+                    if not limiter.test(item, key):
+                        return self._refusal(limit, limiter, item, key)
+            except (StorageError, ConnectionError, OSError) as exc:
+                failed = self._storage_failed(limit, exc)
+                if failed is not None:
+                    return failed
+                continue
+            self._storage_ok(limit)
             chosen.append((limit, limiter, key))
         for limit, limiter, key in chosen:
-            for item in limit.items:
-                if not limiter.hit(item, key):  # lost a race with another request
-                    return self._refusal(limit, limiter, item, key)
+            try:
+                for item in limit.items:
+                    if not limiter.hit(item, key):  # lost a race with another request
+                        return self._refusal(limit, limiter, item, key)
+            except (StorageError, ConnectionError, OSError) as exc:
+                failed = self._storage_failed(limit, exc)
+                if failed is not None:
+                    return failed
         return _ALLOW
+
+    def _storage_failed(self, limit: _Limit, exc: BaseException) -> RateDecision | None:
+        """A limit's storage failed: ``None`` (let the request through) when it fails open, else the refusal."""
+        if limit.storage not in self._failing:
+            self._failing.add(limit.storage)
+            log.warning(
+                "rate limit storage %s of %s failed (%s): failureMode %s %s requests until it is back",
+                _redact(limit.storage),
+                limit.policy,
+                getattr(exc, "storage_error", exc),
+                "OPEN" if limit.fail_open else "CLOSED",
+                "lets through" if limit.fail_open else "refuses",
+            )
+        if limit.fail_open:
+            return None
+        return RateDecision(False, retry_after=1.0, limit=limit.name, policy=limit.policy, storage_failed=True)
+
+    def _storage_ok(self, limit: _Limit) -> None:
+        if self._failing and limit.storage in self._failing:
+            self._failing.discard(limit.storage)
+            log.info("rate limit storage %s of %s is back", _redact(limit.storage), limit.policy)
 
     @staticmethod
     def _refusal(limit: _Limit, limiter: RateLimiter, item: RateLimitItem, key: str) -> RateDecision:
@@ -151,3 +219,19 @@ class RateLimiterEngine:
         return RateDecision(
             False, retry_after=float(math.ceil(wait * 1000) / 1000), limit=limit.name, policy=limit.policy
         )
+
+
+def _sync_storage(storage: object) -> Storage:
+    if not isinstance(storage, Storage):  # an async+ URI, which the model refuses
+        raise TypeError(f"{storage!r} is not a synchronous limits storage")
+    return storage
+
+
+def _redact(uri: str) -> str:
+    """A storage URI without its password, for logs."""
+    scheme, sep, rest = uri.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return uri
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"

@@ -16,8 +16,10 @@ Where meshlib differs from Envoy, on purpose:
   or a 503, which can charge a card twice.
 - **Local overflow** (the pool was full) is never retried, as in Envoy: the retry
   would meet the same full pool.
-- ``retriable-status-codes`` without codes in ``retryOn`` uses the mesh default's
-  ``retriableStatusCodes`` (503) instead of matching nothing.
+- The retriable status codes are Istio's (``parseRetryOn``): a route that sets
+  ``retryOn`` retries exactly the numeric codes listed there (``retriable-status-codes``
+  alone then matches no status); the mesh default's ``retriableStatusCodes`` (503)
+  apply only to a route without ``retryOn`` (or with no ``retries`` at all).
 
 gRPC conditions have no HTTP status of their own: ``unavailable`` matches a 503 (the
 status gRPC maps UNAVAILABLE to) or grpc-status 14; ``cancelled``,
@@ -180,6 +182,8 @@ class RetryPolicy:
     conditions: frozenset[str] = frozenset()
     status_codes: frozenset[int] = frozenset()
     retry_non_idempotent: bool = False
+    avoid_previous_hosts: bool = True
+    """Retries prefer an endpoint not tried yet (``retryIgnorePreviousHosts``, default true)."""
     backoff_base: float = DEFAULT_BACKOFF_BASE
     backoff_cap: float = 10 * DEFAULT_BACKOFF_BASE
     _windows: tuple[float, ...] = field(init=False, repr=False, compare=False)
@@ -196,8 +200,13 @@ class RetryPolicy:
         """The policy of a route: its ``retries``, else the mesh's ``defaultRetry``.
 
         A route's ``retries`` without ``retryOn`` takes the mesh default's conditions
-        (Istio's translation starts from the default policy). ``backoff`` sets the
-        base interval; the cap is 10 times it, as in Envoy.
+        and status codes (Istio's translation starts from the default policy); a
+        route's ``retryOn`` replaces both, its numeric entries being the only
+        retriable status codes (Istio's ``parseRetryOn``). ``backoff`` sets the base
+        interval; the cap is 10 times it, as in Envoy. ``retryIgnorePreviousHosts:
+        false`` lets a retry go back to an endpoint already tried (by default a retry
+        prefers one not tried yet). ``retry_non_idempotent`` comes from the
+        VirtualService's ``meshlib.io/retry-non-idempotent`` annotation (Istio has no field).
         """
         default = default if default is not None else RetryDefaults()
         if route is None:
@@ -205,6 +214,7 @@ class RetryPolicy:
         else:
             attempts, per_try, base = route.attempts, route.per_try_timeout, route.backoff
             retry_on = route.retry_on if route.retry_on is not None else default.retry_on
+        own_retry_on = route is not None and route.retry_on is not None
         conditions: set[str] = set()
         codes: set[int] = set()
         for raw in retry_on.split(","):
@@ -213,7 +223,7 @@ class RetryPolicy:
                 codes.add(int(token))
             elif token:
                 conditions.add(token)
-        if "retriable-status-codes" in conditions:
+        if not own_retry_on and "retriable-status-codes" in conditions:
             codes.update(default.retriable_status_codes)
         base = base if base is not None else DEFAULT_BACKOFF_BASE
         return cls(
@@ -222,6 +232,7 @@ class RetryPolicy:
             conditions=frozenset(conditions),
             status_codes=frozenset(codes),
             retry_non_idempotent=retry_non_idempotent,
+            avoid_previous_hosts=route is None or route.retry_ignore_previous_hosts is not False,
             backoff_base=base,
             backoff_cap=10 * base,
         )

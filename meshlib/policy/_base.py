@@ -15,9 +15,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-__all__ = ["MeshModel", "UNENFORCED_KEY", "unenforced", "unenforced_fields"]
+__all__ = ["ENFORCED_VALUES_KEY", "MeshModel", "UNENFORCED_KEY", "unenforced", "unenforced_fields"]
 
 UNENFORCED_KEY = "x-meshlib-unenforced"
+ENFORCED_VALUES_KEY = "x-meshlib-enforced-values"
+"""On a partly enforced field: the values meshlib does act on (any other is unenforced)."""
 
 
 class MeshModel(BaseModel):
@@ -33,13 +35,23 @@ class MeshModel(BaseModel):
     )
 
 
-def unenforced(why: str, default: Any = None, **kwargs: Any) -> Any:
+def unenforced(why: str, default: Any = None, *, enforced: tuple[Any, ...] = (), **kwargs: Any) -> Any:
     """A field accepted as valid Istio that meshlib does not act on.
 
     ``why`` ends up in the warning, so say what the user should know
-    ("meshlib has no ingress gateways").
+    ("meshlib has no ingress gateways"). ``enforced`` lists the values meshlib does
+    act on for a partly enforced field: only other values are warned about.
     """
-    return Field(default=default, json_schema_extra={UNENFORCED_KEY: why}, **kwargs)
+    extra: dict[str, Any] = {UNENFORCED_KEY: why}
+    if enforced:
+        extra[ENFORCED_VALUES_KEY] = list(enforced)
+    return Field(default=default, json_schema_extra=extra, **kwargs)
+
+
+def _enforced(model: type[BaseModel], name: str) -> list[Any]:
+    extra = model.model_fields[name].json_schema_extra
+    values = extra.get(ENFORCED_VALUES_KEY) if isinstance(extra, dict) else None
+    return list(values) if isinstance(values, list) else []
 
 
 def _why(model: type[BaseModel], name: str) -> str | None:
@@ -66,7 +78,7 @@ def unenforced_fields(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
             field_path = f"{path}.{_alias(cls, name)}" if path else _alias(cls, name)
             why = _why(cls, name)
             if why is not None:
-                if sub is not None and sub != [] and sub != {}:
+                if sub is not None and sub != [] and sub != {} and sub not in _enforced(cls, name):
                     yield field_path, why
                 continue
             yield from unenforced_fields(sub, field_path)

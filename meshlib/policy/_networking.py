@@ -844,7 +844,13 @@ class HTTPSettings(MeshModel):
 
     http1_max_pending_requests: Limit = Field(default=UNLIMITED, alias="http1MaxPendingRequests")
     http2_max_requests: Limit = Field(default=UNLIMITED, alias="http2MaxRequests")
-    max_requests_per_connection: int = Field(default=0, ge=0)
+    max_requests_per_connection: int = unenforced(
+        "1 turns keep-alive off (every attempt sends connection: close); above 1 meshlib's HTTP client"
+        " reuses a connection for any number of requests",
+        default=0,
+        enforced=(0, 1),
+        ge=0,
+    )
     max_retries: Limit = UNLIMITED
     idle_timeout: Duration | None = unenforced("meshlib uses its HTTP client's idle timeout")
     h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = unenforced(

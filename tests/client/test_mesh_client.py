@@ -769,6 +769,7 @@ async def test_client_rate_limit_refuses_the_sixth_call_in_a_second() -> None:
             with pytest.raises(meshlib.RateLimitedError) as caught:
                 await client.get("http://reviews/")
         assert caught.value.response_flag == "RL"
+        assert 0 < caught.value.retry_after <= 1.0
         assert caught.value.request.url.host == "reviews"
         assert up.hits == 5
 
@@ -861,3 +862,118 @@ async def test_snapshot_swap_keeps_state_unless_the_destination_changed() -> Non
             while inner.counts.to(dead) < 5:
                 assert (await client.get("http://reviews/")).status_code == 200
             assert fresh.outlier.stats().ejected == 1
+
+
+# ---------------------------------------------------------------------------- 14. local replies, retry and pool options
+
+
+async def test_fault_delay_then_abort_and_response_headers_on_local_replies() -> None:
+    fault = {
+        "delay": {"fixedDelay": "200ms", "percentage": {"value": 100}},
+        "abort": {"httpStatus": 503, "percentage": {"value": 100}},
+    }
+    headers = {"response": {"set": {"x-route": "faulted"}}}
+    with upstreams(Upstream("up")) as (up,):
+        mesh = mesh_of(
+            service_entry("reviews", up),
+            virtual_service("reviews", {"fault": fault, "headers": headers, "route": [to("reviews")]}),
+            virtual_service("ratings", {"redirect": {"uri": "/moved"}, "headers": headers}),
+        )
+        async with mesh.async_client() as client:
+            started = time.monotonic()
+            aborted = await client.get("http://reviews/")
+            took = time.monotonic() - started
+            moved = await client.get("http://ratings/")
+    assert aborted.status_code == 503
+    assert aborted.extensions["meshlib.response_flags"] == "FI"
+    assert took >= 0.2  # the delay was waited before the abort
+    assert aborted.headers["x-route"] == "faulted"
+    assert moved.status_code == 301
+    assert moved.headers["x-route"] == "faulted"
+    assert up.hits == 0
+
+
+async def test_retry_ignore_previous_hosts_false_retries_the_same_host() -> None:
+    lb = {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}
+    retries = {"attempts": 2, "retryOn": "5xx", "retryIgnorePreviousHosts": False}
+    ups = (Upstream("f1", mode="fail"), Upstream("f2", mode="fail"), Upstream("f3", mode="fail"))
+    with upstreams(*ups):
+        mesh = mesh_of(
+            service_entry("reviews", *ups),
+            destination_rule("reviews", (), lb),
+            virtual_service("reviews", {"route": [to("reviews")], "retries": retries}),
+        )
+        async with mesh.async_client() as client:
+            assert (await client.get("http://reviews/", headers={"x-user": "alice"})).status_code == 503
+    assert sorted(u.hits for u in ups) == [0, 0, 3]
+
+
+async def test_retry_non_idempotent_annotation_retries_a_post_after_a_503() -> None:
+    vs = virtual_service("reviews", {"route": [to("reviews")], "retries": {"attempts": 2, "retryOn": "5xx"}})
+    vs["metadata"]["annotations"] = {"meshlib.io/retry-non-idempotent": "true"}
+    with upstreams(Upstream("flaky", mode="flaky", every=2), Upstream("plain", mode="fail")) as (flaky, plain):
+        mesh = mesh_of(
+            service_entry("reviews", flaky),
+            service_entry("ratings", plain),
+            vs,
+            virtual_service("ratings", {"route": [to("ratings")], "retries": {"attempts": 2, "retryOn": "5xx"}}),
+        )
+        async with mesh.async_client() as client:
+            await client.post("http://reviews/", content=b"pay")  # hit 1: ok
+            assert (await client.post("http://reviews/", content=b"pay")).status_code == 200  # 503, then retried
+            assert (await client.post("http://ratings/", content=b"pay")).status_code == 503
+    assert flaky.hits == 3
+    assert [r["body"] for r in flaky.requests] == ["pay"] * 3
+    assert plain.hits == 1  # without the annotation a POST is not retried after a 503
+
+
+async def test_max_requests_per_connection_one_sends_connection_close() -> None:
+    pool = {"connectionPool": {"http": {"maxRequestsPerConnection": 1}}}
+    with upstreams(Upstream("up"), Upstream("other")) as (up, other):
+        mesh = mesh_of(
+            service_entry("reviews", up), service_entry("ratings", other), destination_rule("reviews", (), pool)
+        )
+        async with mesh.async_client() as client:
+            for _ in range(3):
+                assert (await client.get("http://reviews/")).status_code == 200
+                assert (await client.get("http://ratings/")).status_code == 200
+    assert [r["headers"].get("connection") for r in up.requests] == ["close"] * 3
+    assert all(r["headers"].get("connection") != "close" for r in other.requests)
+
+
+async def test_global_rate_limit_with_its_storage_down_follows_failure_mode() -> None:
+    def limit(name: str, host: str, mode: str) -> dict[str, Any]:
+        backend = {"type": "GLOBAL", "storage": f"redis://{dead_address()}/0", "failureMode": mode}
+        return {
+            "apiVersion": "meshlib.io/v1alpha1",
+            "kind": "RateLimitPolicy",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"side": "CLIENT", "host": host, "backend": backend, "limits": [{"rate": "1/minute"}]},
+        }
+
+    with upstreams(Upstream("up")) as (up,):
+        mesh = mesh_of(
+            service_entry("reviews", up),
+            service_entry("ratings", up),
+            limit("open", "reviews", "OPEN"),
+            limit("closed", "ratings", "CLOSED"),
+        )
+        async with mesh.async_client() as client:
+            for _ in range(3):
+                assert (await client.get("http://reviews/")).status_code == 200
+            with pytest.raises(meshlib.RateLimitedError) as caught:
+                await client.get("http://ratings/")
+    assert caught.value.retry_after > 0
+    assert up.hits == 3
+
+
+async def test_default_inner_transport_is_the_fast_one_and_maps_errors_like_httpx() -> None:
+    from meshlib.client._fasthttp import FastAsyncTransport
+
+    mesh = mesh_of(service_entry("reviews", ("127.0.0.1:9", "v1")))
+    transport = meshlib.AsyncMeshTransport(mesh)
+    assert isinstance(transport._inner, FastAsyncTransport)
+    dead = dead_address()
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx.ConnectError):  # passthrough: httpx's own exception
+            await client.get(f"http://{dead}/")

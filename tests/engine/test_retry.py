@@ -108,11 +108,24 @@ def test_mesh_default_when_route_sets_none() -> None:
     assert decide(p, Outcome.response(503), attempt=3).reason is RetryReason.ATTEMPTS_EXHAUSTED
 
 
-def test_retriable_status_codes_takes_the_mesh_default_codes() -> None:
+def test_route_retry_on_lists_exactly_its_codes_as_istio_parse_retry_on() -> None:
     defaults = RetryDefaults(retriable_status_codes=[503, 429])
-    p = RetryPolicy.compile(HTTPRetry(attempts=1, retry_on="retriable-status-codes"), defaults)
-    assert decide(p, Outcome.response(429)).retry
-    assert not decide(p, Outcome.response(500)).retry
+    bare = RetryPolicy.compile(HTTPRetry(attempts=1, retry_on="retriable-status-codes"), defaults)
+    assert bare.status_codes == frozenset()  # the route set retryOn: the mesh default's codes do not apply
+    assert not decide(bare, Outcome.response(429)).retry
+    assert not decide(bare, Outcome.response(503)).retry
+    listed = RetryPolicy.compile(HTTPRetry(attempts=1, retry_on="retriable-status-codes,429"), defaults)
+    assert listed.status_codes == frozenset({429})
+    assert decide(listed, Outcome.response(429)).retry
+    assert not decide(listed, Outcome.response(503)).retry
+
+
+def test_mesh_default_codes_apply_when_the_route_has_no_retry_on() -> None:
+    defaults = RetryDefaults(retriable_status_codes=[503, 429])
+    for p in (RetryPolicy.compile(None, defaults), RetryPolicy.compile(HTTPRetry(attempts=1), defaults)):
+        assert p.status_codes == frozenset({503, 429})
+        assert decide(p, Outcome.response(429)).retry
+        assert not decide(p, Outcome.response(500)).retry
 
 
 def test_route_without_retry_on_uses_default_conditions() -> None:
