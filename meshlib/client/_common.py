@@ -8,6 +8,7 @@ engine's ``RequestView``, an httpx exception or response into an ``Outcome``, an
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 
 import httpx
@@ -49,8 +50,14 @@ def request_view(request: httpx.Request) -> RequestView:
     return RequestView(request.method, url.scheme, authority, path, url.query.decode("ascii", "replace"), headers)
 
 
+@functools.lru_cache(maxsize=4096)
 def attempt_url(url: httpx.URL, address: str, port: int, path: str | None) -> httpx.URL:
-    """The URL of one attempt: the endpoint's address, the (maybe rewritten) path, the same query."""
+    """The URL of one attempt: the endpoint's address, the (maybe rewritten) path, the same query.
+
+    Cached: httpx re-parses a URL on every ``copy_with`` (the largest single cost of
+    an attempt in profiles), and a service calls the same few URLs over and over.
+    URLs are immutable, so sharing them is safe.
+    """
     if path is None:
         return url.copy_with(host=address, port=port)
     query = url.query

@@ -141,6 +141,7 @@ class RateLimiterEngine:
                 )
                 limits.append((compiled, limiter))
         self._limits = tuple(limits)
+        self._multi = sum(len(limit.items) for limit, _ in self._limits) > 1
 
     def _storage_for(self, uri: str) -> Storage:
         if not uri:
@@ -170,7 +171,9 @@ class RateLimiterEngine:
             value = limit.key_value(request)
             key = f"{limit.policy}/{limit.name}/{'<none>' if value is None else value}"
             try:
-                for item in limit.items:
+                # With a single counter, hit() alone decides; test first only when a
+                # later limit could still refuse after this one was counted.
+                for item in limit.items if self._multi else ():
                     if not limiter.test(item, key):
                         return self._refusal(limit, limiter, item, key)
             except (StorageError, ConnectionError, OSError) as exc:
@@ -178,17 +181,19 @@ class RateLimiterEngine:
                 if failed is not None:
                     return failed
                 continue
-            self._storage_ok(limit)
             chosen.append((limit, limiter, key))
         for limit, limiter, key in chosen:
             try:
                 for item in limit.items:
-                    if not limiter.hit(item, key):  # lost a race with another request
+                    if not limiter.hit(item, key):  # full (or lost a race with another request)
+                        self._storage_ok(limit)
                         return self._refusal(limit, limiter, item, key)
             except (StorageError, ConnectionError, OSError) as exc:
                 failed = self._storage_failed(limit, exc)
                 if failed is not None:
                     return failed
+                continue
+            self._storage_ok(limit)
         return _ALLOW
 
     def _storage_failed(self, limit: _Limit, exc: BaseException) -> RateDecision | None:
