@@ -121,7 +121,7 @@ def run_demo(config: str | None = None) -> int:
         for w in snapshot.warnings:
             print(f"  - {w}")
     print(
-        "\nThis is the policy layer: the configuration is loaded, checked and indexed. Traffic through the "
-        "engine, mTLS, the control plane and the sidecar join this demo as they land (see the README's status)."
+        "\nThe engines and the in-process client enforce this policy today (docs/client.md); the live shop "
+        "with traffic, mTLS, the control plane and the sidecar join this demo as they land (see the README's status)."
     )
     return 0
