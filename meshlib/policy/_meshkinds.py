@@ -21,6 +21,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ._base import MeshModel
 from ._identity import DEFAULT_TRUST_DOMAIN
+from ._networking import RETRY_ON_CONDITIONS
 from ._values import Duration, LabelSelector, StringMatch
 
 __all__ = [
@@ -46,26 +47,7 @@ DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriab
 """Istio's mesh default ``retryOn`` (with status code 503)."""
 
 # Envoy's HTTP and gRPC retry conditions, as Istio's validation accepts them.
-_RETRY_ON = frozenset(
-    {
-        "5xx",
-        "gateway-error",
-        "reset",
-        "reset-before-request",
-        "connect-failure",
-        "envoy-ratelimited",
-        "retriable-4xx",
-        "refused-stream",
-        "retriable-status-codes",
-        "retriable-headers",
-        "http3-post-connect-failure",
-        "cancelled",
-        "deadline-exceeded",
-        "internal",
-        "resource-exhausted",
-        "unavailable",
-    }
-)
+_RETRY_ON = RETRY_ON_CONDITIONS
 _STATUS = re.compile(r"^[1-5][0-9][0-9]\Z")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
