@@ -14,25 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _corpus import CORPUS
+from _corpus import BOOKINFO_REGISTRY, CORPUS
 
 from meshlib.engine._router import HeaderOps, RequestView, RouteDecision, Router, RouteTarget
 from meshlib.policy import Snapshot
-
-BOOKINFO_REGISTRY = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: bookinfo}
-spec:
-  hosts: [reviews, ratings, details, productpage]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{number: 9080, name: http, protocol: HTTP}]
-  endpoints:
-  - {address: 10.0.0.1, labels: {version: v1}}
-  - {address: 10.0.0.2, labels: {version: v2}}
-  - {address: 10.0.0.3, labels: {version: v3}}
-"""
 
 FQDN = "{}.default.svc.cluster.local"
 

@@ -10,22 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _corpus import BOOKINFO_REGISTRY
 
 from meshlib.policy import Snapshot, Workload, validate_paths
-
-BOOKINFO_REGISTRY = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: bookinfo}
-spec:
-  hosts: [reviews, ratings, details, productpage]
-  resolution: STATIC
-  ports: [{number: 9080, name: http, protocol: HTTP}]
-  endpoints:
-  - {address: 10.0.0.1, labels: {version: v1}}
-  - {address: 10.0.0.2, labels: {version: v2}}
-  - {address: 10.0.0.3, labels: {version: v3}}
-"""
 
 
 def bookinfo(corpus: Path, tmp_path: Path, *files: str) -> Snapshot:
