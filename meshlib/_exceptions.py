@@ -17,15 +17,19 @@ from dataclasses import dataclass
 import httpx
 
 __all__ = [
+    "CertificateError",
+    "CertificateRequestError",
     "CircuitOpenError",
     "DeadlineExceededError",
     "Issue",
     "MeshError",
+    "NoWorkloadCertificateError",
     "NoHealthyUpstreamError",
     "PolicyError",
     "RateLimitedError",
     "RequestPathError",
     "RetriesExhaustedError",
+    "SecurityError",
     "UnknownHostError",
 ]
 
@@ -138,3 +142,24 @@ class UnknownHostError(RequestPathError):
     """The host is not in the mesh and MeshConfig says ``outboundTrafficPolicy: REGISTRY_ONLY``."""
 
     response_flag = "NR"
+
+
+class SecurityError(MeshError):
+    """Workload identity and TLS: the CA, certificates, the peer a connection reached."""
+
+
+class CertificateError(SecurityError, ValueError):
+    """A certificate, key or CA directory that cannot be used (unreadable, expired, wrong kind).
+
+    The message names the file and what is wrong with it, never the key material.
+    """
+
+
+class CertificateRequestError(SecurityError, ValueError):
+    """The CA refused to sign a certificate request (wrong identity, extra names, weak key)."""
+
+
+class NoWorkloadCertificateError(RequestPathError, SecurityError):
+    """The destination asks for the mesh's mTLS (ISTIO_MUTUAL) and this workload has no certificate."""
+
+    response_flag = "UF"
