@@ -20,8 +20,12 @@ from ._pool import Admission, PoolLimits
 from ._ratelimit import RateDecision, RateKeyInputs, RateLimiterEngine
 from ._retry import RetryDecision, RetryPolicy, RetryReason, is_testing, set_testing
 from ._router import HeaderOps, RequestView, RouteDecision, Router, RouteTarget
+from ._tls import TLS_MODE_LABEL, TlsOrigination, origination_for
 
 __all__ = [
+    "TLS_MODE_LABEL",
+    "TlsOrigination",
+    "origination_for",
     "DEADLINE_HEADER",
     "Admission",
     "Attempt",

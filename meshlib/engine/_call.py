@@ -30,6 +30,7 @@ from ._destination import Destination
 from ._outcome import Failure, Outcome
 from ._pool import Admission
 from ._retry import RetryPolicy
+from ._tls import TlsOrigination
 
 __all__ = ["Attempt", "Call", "Refusal", "Verdict"]
 
@@ -57,6 +58,8 @@ class Attempt:
     deadline_bound: bool = False
     """``timeout`` is the time left before the request's deadline (not a shorter per-try timeout):
     timing out means the deadline passed."""
+    tls: TlsOrigination | None = None
+    """The TLS to speak to the endpoint (None: plaintext)."""
 
     @property
     def is_retry(self) -> bool:
@@ -187,6 +190,7 @@ class Call:
             queued=admission is Admission.QUEUE,
             close_connection=dest.close_connections,
             deadline_bound=bound,
+            tls=dest.tls.get(key),
         )
 
     def _attempt_timeout(self, now: float) -> tuple[float | None, bool]:

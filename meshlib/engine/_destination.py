@@ -20,6 +20,7 @@ from ._breaker import Breaker
 from ._budget import RetryBudget
 from ._outlier import OutlierDetector
 from ._pool import PoolLimits
+from ._tls import TlsOrigination, origination_for
 
 __all__ = ["Destination", "DestinationKey"]
 
@@ -46,6 +47,7 @@ class Destination:
         "service",
         "subset",
         "targets",
+        "tls",
     )
 
     def __init__(
@@ -89,6 +91,16 @@ class Destination:
         self.dns_target: tuple[str, int] | None = None
         if service is None or (not service.endpoints and service.resolution != "STATIC"):
             self.dns_target = (self.host, port or 80)
+        # The TLS each endpoint is reached with (None: plaintext), keyed as ``targets``.
+        tls_settings = policy.tls if policy is not None else None
+        domain = mesh_config.trust_domain
+        self.tls: dict[str, TlsOrigination | None] = {
+            key: origination_for(tls_settings, service, ep, self.host, domain)
+            for key, ep in zip(self.balancer.keys, self.endpoints, strict=True)
+        }
+        if self.dns_target is not None:
+            dns_key = f"{self.dns_target[0]}:{self.dns_target[1]}"
+            self.tls[dns_key] = origination_for(tls_settings, service, None, self.host, domain)
         if previous is not None and same_policy:
             self.outlier: OutlierDetector = previous.outlier
             self.outlier.set_endpoints(self.balancer.keys)

@@ -77,6 +77,8 @@ class Service:
     location: str = "MESH_INTERNAL"
     resolution: str = "NONE"
     source: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    """Identities the endpoints' certificates may carry (mTLS checks them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +313,14 @@ class Snapshot:
             for host in spec.hosts:
                 fqdn = canonical_host(host, r.namespace)
                 out[fqdn] = Service(
-                    fqdn, r.namespace, ports, endpoints, spec.location or "MESH_INTERNAL", spec.resolution, r.ref
+                    fqdn,
+                    r.namespace,
+                    ports,
+                    endpoints,
+                    spec.location or "MESH_INTERNAL",
+                    spec.resolution,
+                    r.ref,
+                    tuple(spec.subject_alt_names or ()),
                 )
         return MappingProxyType(out)
 
