@@ -6,26 +6,34 @@ service makes or serves.
 """
 
 from ._exceptions import (
+    CertificateError,
+    CertificateRequestError,
     CircuitOpenError,
     DeadlineExceededError,
     Issue,
     MeshError,
     NoHealthyUpstreamError,
+    NoWorkloadCertificateError,
     PolicyError,
     RateLimitedError,
     RequestPathError,
     RetriesExhaustedError,
+    SecurityError,
     UnknownHostError,
 )
 from .client import AsyncMeshTransport, MeshTransport
 from .engine import set_testing
 from .mesh import Mesh
 from .policy import Snapshot, SpiffeId, Workload, validate_paths
+from .security import CertificateAuthority, PeerIdentityError
+from .server import MeshServer, PeerInfo, peer_identity, serve
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AsyncMeshTransport",
+    "CertificateError",
+    "CertificateRequestError",
     "CircuitOpenError",
     "DeadlineExceededError",
     "Issue",
@@ -33,10 +41,18 @@ __all__ = [
     "MeshError",
     "MeshTransport",
     "NoHealthyUpstreamError",
+    "NoWorkloadCertificateError",
+    "PeerIdentityError",
+    "PeerInfo",
+    "MeshServer",
+    "CertificateAuthority",
+    "peer_identity",
+    "serve",
     "PolicyError",
     "RateLimitedError",
     "RequestPathError",
     "RetriesExhaustedError",
+    "SecurityError",
     "Snapshot",
     "UnknownHostError",
     "SpiffeId",

@@ -17,8 +17,12 @@ from typing import Any
 
 import httpx
 
+from ._exceptions import SecurityError
 from .engine import Outbound
-from .policy import Resource, Snapshot, Workload
+from .policy import Resource, Snapshot, SpiffeId, Workload
+from .security import CertificateAuthority, LocalIssuer, TlsContexts, WorkloadCertificates
+
+CaSource = CertificateAuthority | str | os.PathLike[str]
 
 __all__ = ["Mesh"]
 
@@ -28,21 +32,77 @@ log = logging.getLogger("meshlib")
 class Mesh:
     """The live configuration of one workload, and the engines acting on it."""
 
-    def __init__(self, snapshot: Snapshot, workload: Workload | str | None = None, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        workload: Workload | str | None = None,
+        *,
+        seed: int | None = None,
+        ca: CaSource | None = None,
+        certificates: WorkloadCertificates | None = None,
+    ) -> None:
         self.workload: Workload | None = Workload.coerce(workload) if workload is not None else None
         self._rng = random.Random(seed)
         self._outbound = Outbound(snapshot, self.workload, self._rng)
         for warning in snapshot.warnings:
             log.warning("%s", warning)
+        if certificates is None and ca is not None:
+            certificates = self._certificates_from(ca, snapshot)
+        self.certificates: WorkloadCertificates | None = certificates
+        """The workload's certificate and its renewal (None: no identity, plaintext only)."""
+        self.tls = TlsContexts(certificates)
+        if certificates is not None:
+            certificates.start()
+
+    def _certificates_from(self, ca: CaSource, snapshot: Snapshot) -> WorkloadCertificates:
+        """Static mode: a CA on this machine issues and renews the workload's certificate."""
+        if self.workload is None:
+            raise SecurityError("a workload certificate needs a workload: pass workload= with ca=")
+        domain = snapshot.mesh_config.trust_domain
+        authority = ca if isinstance(ca, CertificateAuthority) else CertificateAuthority.load(ca, trust_domain=domain)
+        if authority.trust_domain != domain:
+            raise SecurityError(
+                f"the CA signs for trust domain {authority.trust_domain!r} but MeshConfig says {domain!r}"
+            )
+        settings = snapshot.mesh_config.certificates
+        return WorkloadCertificates(
+            self._identity_in(domain),
+            LocalIssuer(authority),
+            ttl=settings.ttl,
+            grace_ratio=settings.grace_ratio,
+            rng=self._rng,
+        )
+
+    def _identity_in(self, domain: str) -> SpiffeId:
+        assert self.workload is not None
+        return SpiffeId.of(self.workload.namespace, self.workload.service_account, domain)
+
+    @property
+    def identity(self) -> SpiffeId | None:
+        """The SPIFFE id this workload proves with its certificate (None without one)."""
+        return self.certificates.identity if self.certificates is not None else None
+
+    def close(self) -> None:
+        """Stop renewing the certificate (clients and servers close on their own)."""
+        if self.certificates is not None:
+            self.certificates.stop()
 
     # -- construction ------------------------------------------------------------
 
     @classmethod
     def from_files(
-        cls, *paths: str | os.PathLike[str], workload: Workload | str | None = None, seed: int | None = None
+        cls,
+        *paths: str | os.PathLike[str],
+        workload: Workload | str | None = None,
+        seed: int | None = None,
+        ca: CaSource | None = None,
     ) -> Mesh:
-        """A static mesh from YAML files or folders (one configuration; errors raise PolicyError)."""
-        return cls(Snapshot.from_files(*paths), workload, seed=seed)
+        """A static mesh from YAML files or folders (one configuration; errors raise PolicyError).
+
+        ``ca`` (a folder made by ``meshlib ca init``, or a ``CertificateAuthority``)
+        gives the workload a certificate, so it speaks the mesh's mTLS.
+        """
+        return cls(Snapshot.from_files(*paths), workload, seed=seed, ca=ca)
 
     @classmethod
     def from_resources(
@@ -51,9 +111,10 @@ class Mesh:
         *,
         workload: Workload | str | None = None,
         seed: int | None = None,
+        ca: CaSource | None = None,
     ) -> Mesh:
         """A static mesh from parsed documents (dicts as YAML gives them) or resource models."""
-        return cls(Snapshot.from_resources(documents), workload, seed=seed)
+        return cls(Snapshot.from_resources(documents), workload, seed=seed, ca=ca)
 
     # -- the configuration in force ----------------------------------------------
 

@@ -46,6 +46,8 @@ class Upstream:
     rate: float = 0.5
     headers: list[tuple[str, str]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
+    mesh: Any = None
+    """A ``meshlib.Mesh``: serve with ``meshlib.MeshServer`` (its PeerAuthentication, its certificate)."""
     hits: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     _server: uvicorn.Server | None = None
@@ -96,8 +98,15 @@ class Upstream:
         elif self.mode == "reset":
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
             raise RuntimeError("reset on purpose")
+        peer = scope.get("extensions", {}).get("meshlib.peer")
         payload = json.dumps(
-            {"endpoint": self.name, "version": self.version, "path": scope["path"], "host": headers.get("host", "")}
+            {
+                "endpoint": self.name,
+                "version": self.version,
+                "path": scope["path"],
+                "host": headers.get("host", ""),
+                "peer": str(peer.spiffe_id) if peer is not None and peer.spiffe_id else None,
+            }
         ).encode()
         await send(
             {
@@ -121,10 +130,23 @@ class Upstream:
             await asyncio.sleep(min(0.01, max(0.0, end - time.monotonic())))
 
     def start(self) -> Upstream:
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="error", lifespan="on", interface="asgi3"
-        )
-        self._server = uvicorn.Server(config)
+        if self.mesh is not None:
+            from meshlib import MeshServer
+
+            self._server = MeshServer(
+                self.app,
+                mesh=self.mesh,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="error",
+                lifespan="on",
+                interface="asgi3",
+            )
+        else:
+            config = uvicorn.Config(
+                self.app, host="127.0.0.1", port=self.port, log_level="error", lifespan="on", interface="asgi3"
+            )
+            self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"upstream-{self.name}", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10

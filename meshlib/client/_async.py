@@ -26,6 +26,7 @@ from ..engine import (
     Proceed,
     Refusal,
     RetryPolicy,
+    TlsOrigination,
     current_deadline,
     deadline_to_header,
 )
@@ -115,6 +116,25 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._replay_limit = replay_limit
         self._clock = clock
         self._mirrors: set[asyncio.Task[None]] = set()
+        # One TLS transport per way of reaching endpoints (ISTIO_MUTUAL to an identity, SIMPLE...):
+        # each keeps its own pool, so a connection is never reused with another peer check.
+        self._secure: dict[TlsOrigination, FastAsyncTransport] = {}
+
+    def _sender(self, step: Attempt, dest: Destination, request: httpx.Request) -> httpx.AsyncBaseTransport | None:
+        """The transport for this attempt if it speaks TLS (None: plaintext through ``inner``)."""
+        tls = step.tls
+        if tls is None:
+            return None
+        context = self._mesh.tls.context_for(tls)
+        if context is None:
+            return None
+        transport = self._secure.get(tls)
+        if transport is None:
+            transport = self._secure[tls] = FastAsyncTransport(ssl_context=context)
+        elif transport.ssl_context is not context:
+            transport.set_ssl_context(context)  # the certificate rotated: new connections use the new one
+        request.extensions["sni_hostname"] = tls.sni or dest.host
+        return transport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         outbound = self._mesh.outbound  # one snapshot for the whole request
@@ -165,7 +185,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if last is not None:
                 await last.aclose()
                 last = None
-            request.url = attempt_url(original, step.address, step.port, path)
+            try:
+                secure = self._sender(step, call.destination, request)
+            except RequestPathError as exc:
+                call.abandon(step)
+                raise attach_request(exc, request) from None
+            request.url = attempt_url(original, step.address, step.port, path, secure is not None)
+            sender = secure or self._inner
             if step.close_connection:
                 request.headers["connection"] = "close"  # maxRequestsPerConnection: 1
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
@@ -174,7 +200,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 request.headers[deadline_header] = deadline_to_header(call.deadline, started)
             try:
                 async with asyncio.timeout(step.timeout):
-                    response = await self._inner.handle_async_request(request)
+                    response = await sender.handle_async_request(request)
             except (httpx.TransportError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
                     exc = httpx.ReadTimeout(
@@ -271,14 +297,15 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if step.queued:
                 call.abandon(step)  # a shadow never waits for a slot
                 return
-            copy.url = attempt_url(copy.url, step.address, step.port, path)
-            if step.close_connection:
-                copy.headers["connection"] = "close"
-            with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
             started = self._clock()
             try:
+                secure = self._sender(step, dest, copy)
+                copy.url = attempt_url(copy.url, step.address, step.port, path, secure is not None)
+                if step.close_connection:
+                    copy.headers["connection"] = "close"
+                with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
                 async with asyncio.timeout(MIRROR_TIMEOUT):
-                    response = await self._inner.handle_async_request(copy)
+                    response = await (secure or self._inner).handle_async_request(copy)
                     await response.aread()
                 await response.aclose()
                 outcome = outcome_of(response, started)
@@ -295,4 +322,6 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         for task in list(self._mirrors):
             task.cancel()
+        for transport in self._secure.values():
+            await transport.aclose()
         await self._inner.aclose()

@@ -51,13 +51,18 @@ def request_view(request: httpx.Request) -> RequestView:
 
 
 @functools.lru_cache(maxsize=4096)
-def attempt_url(url: httpx.URL, address: str, port: int, path: str | None) -> httpx.URL:
+def attempt_url(url: httpx.URL, address: str, port: int, path: str | None, secure: bool = False) -> httpx.URL:
     """The URL of one attempt: the endpoint's address, the (maybe rewritten) path, the same query.
+
+    ``secure`` makes it ``https``: the mesh speaks TLS to this endpoint (the
+    application wrote plain ``http://reviews/``, as behind a sidecar).
 
     Cached: httpx re-parses a URL on every ``copy_with`` (the largest single cost of
     an attempt in profiles), and a service calls the same few URLs over and over.
     URLs are immutable, so sharing them is safe.
     """
+    if secure and url.scheme != "https":
+        url = url.copy_with(scheme="https")
     if path is None:
         return url.copy_with(host=address, port=port)
     query = url.query

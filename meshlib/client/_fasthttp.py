@@ -543,6 +543,10 @@ class FastAsyncTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._pools: dict[_Origin, _OriginPool] = {}
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl_context
+
     def set_ssl_context(self, ssl_context: ssl.SSLContext | None) -> None:
         """Use ``ssl_context`` for connections opened from now on; open ones keep theirs."""
         self._ssl_context = ssl_context

@@ -8,6 +8,7 @@ interrupted mid-call). Mirrors go to a small thread pool and never block the cal
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from ..engine import (
     Proceed,
     Refusal,
     RetryPolicy,
+    TlsOrigination,
     current_deadline,
     deadline_to_header,
 )
@@ -102,6 +104,32 @@ class MeshTransport(httpx.BaseTransport):
         self._mirror_pool: ThreadPoolExecutor | None = None
         self._mirrors_in_flight = 0
         self._mirror_lock = threading.Lock()
+        # One TLS transport per way of reaching endpoints, rebuilt when the certificate rotates;
+        # the one it replaces closes at the next rotation (its requests have long finished).
+        self._secure: dict[TlsOrigination, tuple[ssl.SSLContext, httpx.HTTPTransport]] = {}
+        self._retired: list[httpx.HTTPTransport] = []
+        self._secure_lock = threading.Lock()
+
+    def _sender(self, step: Attempt, dest: Destination, request: httpx.Request) -> httpx.BaseTransport | None:
+        """The transport for this attempt if it speaks TLS (None: plaintext through ``inner``)."""
+        tls = step.tls
+        if tls is None:
+            return None
+        context = self._mesh.tls.context_for(tls)
+        if context is None:
+            return None
+        entry = self._secure.get(tls)
+        if entry is None or entry[0] is not context:
+            with self._secure_lock:
+                entry = self._secure.get(tls)
+                if entry is None or entry[0] is not context:
+                    if entry is not None:
+                        for old in self._retired:
+                            old.close()
+                        self._retired = [entry[1]]
+                    entry = self._secure[tls] = (context, httpx.HTTPTransport(verify=context))
+        request.extensions["sni_hostname"] = tls.sni or dest.host
+        return entry[1]
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         outbound = self._mesh.outbound  # one snapshot for the whole request
@@ -152,7 +180,13 @@ class MeshTransport(httpx.BaseTransport):
             if last is not None:
                 last.close()
                 last = None
-            request.url = attempt_url(original, step.address, step.port, path)
+            try:
+                secure = self._sender(step, call.destination, request)
+            except RequestPathError as exc:
+                call.abandon(step)
+                raise attach_request(exc, request) from None
+            request.url = attempt_url(original, step.address, step.port, path, secure is not None)
+            sender = secure or self._inner
             if step.close_connection:
                 request.headers["connection"] = "close"  # maxRequestsPerConnection: 1
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
@@ -160,7 +194,7 @@ class MeshTransport(httpx.BaseTransport):
             if call.deadline is not None and deadline_header is not None:
                 request.headers[deadline_header] = deadline_to_header(call.deadline, started)
             try:
-                response = self._inner.handle_request(request)
+                response = sender.handle_request(request)
             except httpx.TransportError as exc:
                 end = self._clock()
                 verdict = call.finish(step, Outcome.failed(failure_of(exc), duration=end - started), end)
@@ -260,13 +294,14 @@ class MeshTransport(httpx.BaseTransport):
                 if step.queued:
                     call.abandon(step)  # a shadow never waits for a slot
                     return
-                copy.url = attempt_url(copy.url, step.address, step.port, path)
-                if step.close_connection:
-                    copy.headers["connection"] = "close"
-                with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
                 started = self._clock()
                 try:
-                    response = self._inner.handle_request(copy)
+                    secure = self._sender(step, dest, copy)
+                    copy.url = attempt_url(copy.url, step.address, step.port, path, secure is not None)
+                    if step.close_connection:
+                        copy.headers["connection"] = "close"
+                    with_timeouts(copy, MIRROR_TIMEOUT, dest.pool.connect_timeout)
+                    response = (secure or self._inner).handle_request(copy)
                     try:
                         response.read()
                     finally:
@@ -290,4 +325,8 @@ class MeshTransport(httpx.BaseTransport):
     def close(self) -> None:
         if self._mirror_pool is not None:
             self._mirror_pool.shutdown(wait=False, cancel_futures=True)
+        for _, transport in self._secure.values():
+            transport.close()
+        for transport in self._retired:
+            transport.close()
         self._inner.close()
