@@ -8,6 +8,7 @@ read once per snapshot.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 from typing import Any
@@ -90,16 +91,15 @@ def _file_context(tls: TlsOrigination) -> ssl.SSLContext:
         context.sslsocket_class = CheckedSSLSocket
         context.meshlib_peer_check = NameCheck(tls.peer_ids)  # type: ignore[attr-defined]
     if tls.mode == "MUTUAL":
-        assert tls.client_certificate is not None
-        assert tls.private_key is not None
+        cert, key = tls.client_certificate or "", tls.private_key or ""
+        for what, path in (("clientCertificate", cert), ("privateKey", key)):
+            if not os.path.isfile(path):
+                raise CertificateError(f"{what} {path!r} (DestinationRule tls MUTUAL) does not exist")
         try:
-            context.load_cert_chain(tls.client_certificate, tls.private_key)
-        except FileNotFoundError as exc:
-            raise CertificateError(f"{exc.filename!r} (DestinationRule tls) does not exist") from None
+            context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise CertificateError(
-                f"clientCertificate {tls.client_certificate!r} and privateKey {tls.private_key!r} "
-                f"cannot be used: {_reason(exc)}"
+                f"clientCertificate {cert!r} and privateKey {key!r} cannot be used: {_reason(exc)}"
             ) from None
     return context
 

@@ -214,3 +214,52 @@ def test_the_sync_client_reports_a_refused_certificate_as_a_transport_error(
     with client.client() as http, pytest.raises(httpx.TransportError):
         http.get("http://reviews/")
     client.close()
+
+
+def write_identity(folder: Path, ca: meshlib.CertificateAuthority, account: str) -> dict[str, str]:
+    """Certificate files a DestinationRule with ``tls.mode: MUTUAL`` names."""
+    from cryptography.hazmat.primitives import serialization
+
+    key, issued = ca.issue(meshlib.SpiffeId.of("default", account))
+    files = {
+        "clientCertificate": folder / "cert.pem",
+        "privateKey": folder / "key.pem",
+        "caCertificates": folder / "ca.pem",
+    }
+    files["clientCertificate"].write_bytes(issued.chain_pem)
+    files["caCertificates"].write_bytes(issued.bundle_pem)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    files["privateKey"].touch(mode=0o600)
+    files["privateKey"].write_bytes(pem)
+    return {k: str(v) for k, v in files.items()}
+
+
+async def test_mutual_with_certificate_files_and_subject_alt_names(
+    ca: meshlib.CertificateAuthority, strict_servers: tuple[Upstream, ...], tmp_path: Path
+) -> None:
+    tls = {"mode": "MUTUAL", **write_identity(tmp_path, ca, "legacy")}
+    good = {**tls, "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/reviews"]}
+    bad = {**tls, "subjectAltNames": ["spiffe://cluster.local/ns/default/sa/ratings"]}
+    entry = service_entry("reviews", *strict_servers)
+    for settings, expected in ((good, "spiffe://cluster.local/ns/default/sa/legacy"), (bad, None)):
+        client = meshlib.Mesh.from_resources(
+            [entry, destination_rule("reviews", (), {"tls": settings})], workload=CLIENT
+        )
+        async with client.async_client() as http:
+            if expected is None:
+                with pytest.raises(httpx.TransportError, match="subjectAltNames"):
+                    await http.get("http://reviews/")
+            else:
+                assert (await http.get("http://reviews/")).json()["peer"] == expected
+
+
+async def test_missing_certificate_files_name_the_file(
+    ca: meshlib.CertificateAuthority, strict_servers: tuple[Upstream, ...], tmp_path: Path
+) -> None:
+    tls = {"mode": "MUTUAL", **write_identity(tmp_path, ca, "legacy")}
+    tls["privateKey"] = str(tmp_path / "gone.pem")
+    rule = destination_rule("reviews", (), {"tls": tls})
+    client = meshlib.Mesh.from_resources([service_entry("reviews", *strict_servers), rule], workload=CLIENT)
+    async with client.async_client() as http:
+        with pytest.raises(meshlib.CertificateError, match=r"gone\.pem"):
+            await http.get("http://reviews/")
