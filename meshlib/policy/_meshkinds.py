@@ -31,6 +31,7 @@ __all__ = [
     "DeadlinePropagation",
     "MeshConfigSpec",
     "OutboundTrafficPolicy",
+    "PathNormalization",
     "Propagator",
     "RateLimit",
     "RateLimitBackend",
@@ -140,6 +141,17 @@ class OutboundTrafficPolicy(MeshModel):
     mode: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
 
 
+class PathNormalization(MeshModel):
+    """How inbound request paths are normalised before authorization and the app see them.
+
+    Istio's ``meshConfig.pathNormalization``: ``NONE``, ``BASE`` (RFC 3986 dot segments,
+    backslashes, decoding of unreserved escapes), ``MERGE_SLASHES`` (BASE and ``//`` to
+    ``/``), ``DECODE_AND_MERGE_SLASHES`` (also ``%2F`` and ``%5C``); ``DEFAULT`` is BASE.
+    """
+
+    normalization: Literal["DEFAULT", "NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"] = "DEFAULT"
+
+
 Propagator = Literal["tracecontext", "b3"]
 """Trace context headers: W3C ``traceparent`` (tracecontext) or Zipkin's B3."""
 
@@ -231,6 +243,8 @@ class MeshConfigSpec(MeshModel):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
     certificates: CertificateSettings = Field(default_factory=CertificateSettings)
+    path_normalization: PathNormalization | None = None
+    """Unset: Istio's default, BASE."""
 
     @field_validator("trust_domain")
     @classmethod
