@@ -40,7 +40,12 @@ LAYERS = ROOT.parent / "shared" / "tools" / "layers.py"
 # Programs the test suite runs for real, mapped to the Debian package providing each.
 # Empty today: the issue that adds a test needing one adds it here, e.g.
 #   {"redis-server": "redis-server", "etcd": "etcd-server", "haproxy": "haproxy"}
-APT_PACKAGES: dict[str, str] = {}
+APT_PACKAGES: dict[str, str] = {
+    "redis-server": "redis-server",  # global rate limits (tests start one on a free loopback port)
+    "openssl": "openssl",  # certificate interop tests
+    "curl": "curl",  # mTLS interop tests
+    "wrk": "wrk",  # middleware overhead benchmark
+}
 
 USAGE = "usage:\n" + (__doc__ or "").split("\n\n")[2]
 

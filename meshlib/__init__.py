@@ -26,7 +26,7 @@ from .engine import set_testing
 from .mesh import Mesh
 from .policy import Snapshot, SpiffeId, Workload, validate_paths
 from .security import CertificateAuthority, PeerIdentityError
-from .server import MeshServer, PeerInfo, peer_identity, serve
+from .server import MeshMiddleware, MeshServer, PeerInfo, peer_identity, serve
 
 __version__ = "0.1.0.dev0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "PeerIdentityError",
     "PeerInfo",
     "MeshServer",
+    "MeshMiddleware",
     "CertificateAuthority",
     "peer_identity",
     "serve",

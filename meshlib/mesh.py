@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from ._exceptions import SecurityError
-from .engine import Outbound
+from .engine import Inbound, Outbound
 from .policy import Resource, Snapshot, SpiffeId, Workload
 from .security import CertificateAuthority, LocalIssuer, TlsContexts, WorkloadCertificates
 
@@ -44,6 +44,7 @@ class Mesh:
         self.workload: Workload | None = Workload.coerce(workload) if workload is not None else None
         self._rng = random.Random(seed)
         self._outbound = Outbound(snapshot, self.workload, self._rng)
+        self._inbound: Inbound | None = None
         for warning in snapshot.warnings:
             log.warning("%s", warning)
         if certificates is None and ca is not None:
@@ -126,6 +127,15 @@ class Mesh:
     def version(self) -> str:
         """Content hash of the snapshot in force."""
         return self._outbound.snapshot.version
+
+    @property
+    def inbound(self) -> Inbound:
+        """The server-side engines for the snapshot in force (built on first use: clients never pay for it)."""
+        inbound = self._inbound
+        snapshot = self._outbound.snapshot
+        if inbound is None or inbound.snapshot is not snapshot:
+            inbound = self._inbound = Inbound(snapshot, self.workload, previous=inbound)
+        return inbound
 
     @property
     def outbound(self) -> Outbound:

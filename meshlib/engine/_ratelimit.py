@@ -67,6 +67,10 @@ class RateDecision:
     policy: str = ""
     storage_failed: bool = False
     """Refused because the limit's storage failed and its ``failureMode`` is CLOSED."""
+    amount: int = 0
+    """Requests the refusing limit allows per window (``x-ratelimit-limit``)."""
+    window: float = 0.0
+    """Seconds in that window."""
 
 
 _ALLOW = RateDecision(True)
@@ -157,6 +161,11 @@ class RateLimiterEngine:
     def __bool__(self) -> bool:
         return bool(self._limits)
 
+    @property
+    def remote(self) -> bool:
+        """Whether a limit counts in a remote storage (Redis): checks then do network IO."""
+        return bool(self._storages)
+
     def check(self, request: RateKeyInputs) -> RateDecision:
         """Count the request against every limit it falls under; refuse if any is full.
 
@@ -222,7 +231,12 @@ class RateLimiterEngine:
         stats = limiter.get_window_stats(item, key)
         wait = max(0.0, stats.reset_time - time.time())
         return RateDecision(
-            False, retry_after=float(math.ceil(wait * 1000) / 1000), limit=limit.name, policy=limit.policy
+            False,
+            retry_after=float(math.ceil(wait * 1000) / 1000),
+            limit=limit.name,
+            policy=limit.policy,
+            amount=item.amount,
+            window=float(item.get_expiry()),
         )
 
 

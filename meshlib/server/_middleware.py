@@ -1,0 +1,295 @@
+"""``MeshMiddleware``: the mesh's server-side policy around any ASGI app.
+
+The server request path, in the design's order: normalise the path and check the
+method; the peer's identity (the TLS connection ``meshlib.serve`` accepted, or the
+``x-forwarded-client-cert`` of the local sidecar, trusted only from the
+addresses it is told); PeerAuthentication; AuthorizationPolicy (CUSTOM, DENY,
+ALLOW); server rate limits; the caller's deadline; the app. Every decision comes
+from ``mesh.inbound``, read once per request: the sidecar's inbound side asks the
+same engines.
+
+Lifespan scopes pass through untouched. WebSocket handshakes are authorized and
+rate limited like any request (a denied one is closed before it is accepted, which
+the server answers with 403): otherwise a DENY on ``/admin`` would not hold for
+``ws://…/admin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from ..engine import (
+    AuthzDecision,
+    AuthzRequest,
+    BadPathError,
+    CustomCheck,
+    Inbound,
+    RateDecision,
+    RateKeyInputs,
+    check_method,
+    current_deadline,
+    deadline_from_header,
+    earliest,
+    normalize_path,
+)
+from ..policy import SpiffeId
+from ._peer import PeerInfo
+from ._xfcc import HEADER as XFCC
+from ._xfcc import peer_from_xfcc
+
+if TYPE_CHECKING:
+    from ..mesh import Mesh
+
+__all__ = ["CustomHook", "MeshMiddleware", "RequestPrincipalHook"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+CustomHook = Callable[[AuthzRequest, CustomCheck], Awaitable[bool]]
+"""An external authorizer for CUSTOM policies: True allows, False denies (ext_authz)."""
+
+RequestPrincipalHook = Callable[[Scope], Awaitable[str | None]]
+"""Validates the request's credential (a JWT) and returns ``iss/sub``, or None."""
+
+authz_log = logging.getLogger("meshlib.authz")
+log = logging.getLogger("meshlib.server")
+
+_DENIED = b"RBAC: access denied"
+_PLAINTEXT = b"meshlib: this port requires mutual TLS (PeerAuthentication STRICT)"
+
+
+class MeshMiddleware:
+    """Enforce the mesh's inbound policy on an ASGI app (Starlette, FastAPI, plain ASGI).
+
+    ``trusted_sidecars``: addresses whose ``x-forwarded-client-cert`` header is
+    believed (the local meshlib sidecar); from anyone else the header is removed
+    before the app sees it. ``custom``: the external check CUSTOM policies call
+    (without one, a matching CUSTOM policy denies: fail closed).
+    ``request_principal``: a JWT validator for ``requestPrincipals``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        mesh: Mesh,
+        trusted_sidecars: Iterable[str] = (),
+        custom: CustomHook | None = None,
+        request_principal: RequestPrincipalHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.mesh = mesh
+        self.trusted_sidecars = frozenset(trusted_sidecars)
+        self.custom = custom
+        self.request_principal = request_principal
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        inbound: Inbound = self.mesh.inbound  # one snapshot for the whole request
+        method = scope.get("method", "GET")
+        if not check_method(method):
+            await _reply(scope, receive, send, 400, b"meshlib: the method must be upper case")
+            return
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+        try:
+            path = normalize_path(raw.decode("latin-1"), inbound.path_normalization)
+        except BadPathError as exc:
+            await _reply(scope, receive, send, 400, f"meshlib: {exc}".encode())
+            return
+        headers: dict[str, str] = {}
+        xfcc = False
+        for name, value in scope["headers"]:
+            if name == XFCC:
+                xfcc = True
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]},{text}" if key in headers else text
+        client = scope.get("client")
+        source_ip = client[0] if client else ""
+        peer = self._peer(scope, headers, source_ip, xfcc)
+        server = scope.get("server")
+        port = int(server[1]) if server and server[1] is not None else 0
+        destination_ip = server[0] if server else None
+        if inbound.mtls.mode_for(port or None) == "STRICT" and not peer.mtls:
+            log.warning("meshlib: refused a plaintext request from %s: PeerAuthentication STRICT", source_ip)
+            await _reply(scope, receive, send, 400, _PLAINTEXT)
+            return
+
+        principal = peer.spiffe_id.principal if peer.spiffe_id is not None else None
+        request_principal = await self.request_principal(scope) if self.request_principal is not None else None
+        host = headers.get("host", "")
+        request = AuthzRequest(
+            principal=principal,
+            source_ip=source_ip,
+            remote_ip=source_ip,
+            request_principal=request_principal,
+            host=_strip_port(host),
+            port=port,
+            method=method,
+            path=path,
+            headers=headers,
+            destination_ip=destination_ip,
+            sni=None if peer.mtls else "",
+        )
+        decision = await self._authorize(inbound, request)
+        extensions = scope.setdefault("extensions", {})
+        extensions["meshlib.authz"] = decision
+        if not decision.allowed:
+            authz_log.info(
+                "RBAC: access denied: %s %s from %s: %s", method, path, principal or source_ip, decision.reason
+            )
+            await _reply(scope, receive, send, 403, _DENIED)
+            return
+        if decision.audit is not None:
+            authz_log.info("AUDIT %s: %s %s from %s", decision.audit, method, path, principal or source_ip)
+
+        if inbound.limits:
+            inputs = RateKeyInputs(
+                method,
+                path,
+                headers,
+                principal=principal,
+                namespace=peer.spiffe_id.namespace if peer.spiffe_id is not None else None,
+                remote_ip=source_ip,
+            )
+            check = inbound.limits.check
+            # A Redis-backed limit does network IO: keep it off the event loop.
+            limited = await asyncio.to_thread(check, inputs) if inbound.limits.remote else check(inputs)
+            if not limited.allowed:
+                await _reply(scope, receive, send, 429, b"meshlib: rate limited", _limit_headers(limited))
+                return
+
+        now = self._clock()
+        deadline = None
+        if inbound.deadline_header is not None:
+            deadline = deadline_from_header(headers.get(inbound.deadline_header), now)
+        if deadline is not None and deadline <= now:
+            await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
+            return
+        deadline = earliest(deadline, current_deadline.get())
+        extensions["meshlib.deadline"] = deadline
+
+        if path.encode("latin-1") != raw:  # what the policies saw is what the app gets
+            scope = dict(scope)
+            scope["raw_path"] = path.encode("latin-1")
+            scope["path"] = unquote(path)
+        token = current_deadline.set(deadline)
+        try:
+            if deadline is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._within(deadline - now, scope, receive, send)
+        finally:
+            current_deadline.reset(token)
+
+    def _peer(self, scope: Scope, headers: dict[str, str], source_ip: str, xfcc: bool) -> PeerInfo:
+        """Who is calling: the TLS peer, or the trusted sidecar's forwarded certificate."""
+        extensions = scope.get("extensions") or {}
+        tls_peer = extensions.get("meshlib.peer")
+        if isinstance(tls_peer, PeerInfo) and tls_peer.mtls:
+            if xfcc:
+                _drop_header(scope, XFCC)  # a TLS peer speaks for itself
+                headers.pop("x-forwarded-client-cert", None)
+            return tls_peer
+        if xfcc:
+            if source_ip in self.trusted_sidecars:
+                spiffe: SpiffeId | None = peer_from_xfcc(headers["x-forwarded-client-cert"])
+                return PeerInfo(spiffe, spiffe is not None)
+            log.warning("meshlib: ignored x-forwarded-client-cert from %s, which is not a trusted sidecar", source_ip)
+            _drop_header(scope, XFCC)
+            headers.pop("x-forwarded-client-cert", None)
+        return tls_peer if isinstance(tls_peer, PeerInfo) else PeerInfo(None, False)
+
+    async def _authorize(self, inbound: Inbound, request: AuthzRequest) -> AuthzDecision:
+        for check in inbound.authorizer.custom(request):
+            if self.custom is None:
+                authz_log.error(
+                    "meshlib: %s asks provider %s but MeshMiddleware has no custom= hook: denying",
+                    check.policy,
+                    check.provider,
+                )
+                return AuthzDecision(False, check.policy, f"CUSTOM provider {check.provider} has no hook")
+            try:
+                allowed = await self.custom(request, check)
+            except Exception as exc:  # an unreachable authorizer fails closed, as ext_authz does by default
+                authz_log.error("meshlib: CUSTOM provider %s failed (%r): denying", check.provider, exc)
+                allowed = False
+            if not allowed:
+                return AuthzDecision.denied_by_custom(check)
+        return inbound.authorizer.decide(request)
+
+    async def _within(self, seconds: float, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app until the caller's deadline; past it, answer 504 if nothing was sent yet."""
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                started = True
+            await send(message)
+
+        try:
+            async with asyncio.timeout(seconds):
+                await self.app(scope, receive, tracking)
+        except TimeoutError:
+            log.info("meshlib: %s %s stopped at the caller's deadline", scope.get("method"), scope.get("path"))
+            if not started and scope["type"] == "http":
+                await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _drop_header(scope: Scope, name: bytes) -> None:
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != name]
+
+
+def _limit_headers(decision: RateDecision) -> list[tuple[bytes, bytes]]:
+    reset = max(1, math.ceil(decision.retry_after))
+    seconds = str(reset).encode()
+    out = [(b"retry-after", seconds), (b"x-ratelimit-remaining", b"0"), (b"x-ratelimit-reset", seconds)]
+    if decision.amount:
+        window = f";w={int(decision.window)}" if decision.window else ""
+        out.append((b"x-ratelimit-limit", f"{decision.amount}{window}".encode()))
+    if decision.storage_failed:
+        out.append((b"x-meshlib-ratelimit", b"storage-unavailable"))
+    return out
+
+
+async def _reply(
+    scope: Scope, receive: Receive, send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """A local answer: plain text over HTTP; for a WebSocket handshake, a close before accept (HTTP 403)."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1013 if status == 429 else 1008})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
