@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from .._exceptions import DeadlineExceededError
 from ..engine import (
     AuthzDecision,
     AuthzRequest,
@@ -64,6 +65,12 @@ authz_log = logging.getLogger("meshlib.authz")
 log = logging.getLogger("meshlib.server")
 
 _DENIED = b"RBAC: access denied"
+_XFCC_NAME = XFCC.decode("latin-1")
+_DEADLINE_SLACK = 0.05
+"""Seconds before the caller's deadline within which an app's DeadlineExceededError counts as that deadline.
+
+Two timers on one deadline (this one, and the app's mesh client's) fire in either
+order: loop clocks are coarse (uvloop's is cached per iteration, in milliseconds)."""
 _PLAINTEXT = b"meshlib: this port requires mutual TLS (PeerAuthentication STRICT)"
 
 
@@ -113,9 +120,9 @@ class MeshMiddleware:
         headers: dict[str, str] = {}
         xfcc = False
         for name, value in scope["headers"]:
-            if name == XFCC:
-                xfcc = True
             key = name.decode("latin-1").lower()
+            if key == _XFCC_NAME:  # in any case: a spoofed header the check missed would reach the app
+                xfcc = True
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]},{text}" if key in headers else text
         client = scope.get("client")
@@ -145,17 +152,30 @@ class MeshMiddleware:
             destination_ip=destination_ip,
             sni=None if peer.mtls else "",
         )
-        decision = await self._authorize(inbound, request)
-        extensions = scope.setdefault("extensions", {})
+        checks = inbound.authorizer.custom(request)
+        decision = await self._custom(checks, request) if checks else None
+        if decision is None:
+            decision = inbound.authorizer.decide(request)
+        extensions = scope.get("extensions")
+        if extensions is None:  # absent, or None as some servers leave it
+            extensions = scope["extensions"] = {}
         extensions["meshlib.authz"] = decision
-        if not decision.allowed:
+        who = principal or source_ip
+        if decision.audit is not None:  # audited whatever the answer, as Istio's AUDIT action
+            authz_log.info("AUDIT %s: %s %s from %s", decision.audit, method, path, who)
+        if decision.shadow:  # dry-run policies: evaluated and logged, never enforced
             authz_log.info(
-                "RBAC: access denied: %s %s from %s: %s", method, path, principal or source_ip, decision.reason
+                "dry-run policies would %s %s %s from %s: %s",
+                "deny" if decision.shadow_denied else "allow",
+                method,
+                path,
+                who,
+                ", ".join(f"{s.policy} ({s.action}) {'matched' if s.matched else 'no match'}" for s in decision.shadow),
             )
+        if not decision.allowed:
+            authz_log.info("RBAC: access denied: %s %s from %s: %s", method, path, who, decision.reason)
             await _reply(scope, receive, send, 403, _DENIED)
             return
-        if decision.audit is not None:
-            authz_log.info("AUDIT %s: %s %s from %s", decision.audit, method, path, principal or source_ip)
 
         if inbound.limits:
             inputs = RateKeyInputs(
@@ -192,7 +212,7 @@ class MeshMiddleware:
             if deadline is None:
                 await self.app(scope, receive, send)
             else:
-                await self._within(deadline - now, scope, receive, send)
+                await self._within(deadline, now, scope, receive, send)
         finally:
             current_deadline.reset(token)
 
@@ -214,8 +234,9 @@ class MeshMiddleware:
             headers.pop("x-forwarded-client-cert", None)
         return tls_peer if isinstance(tls_peer, PeerInfo) else PeerInfo(None, False)
 
-    async def _authorize(self, inbound: Inbound, request: AuthzRequest) -> AuthzDecision:
-        for check in inbound.authorizer.custom(request):
+    async def _custom(self, checks: tuple[CustomCheck, ...], request: AuthzRequest) -> AuthzDecision | None:
+        """Ask the external authorizer about each matching CUSTOM policy: a refusal decides, else None."""
+        for check in checks:
             if self.custom is None:
                 authz_log.error(
                     "meshlib: %s asks provider %s but MeshMiddleware has no custom= hook: denying",
@@ -230,10 +251,16 @@ class MeshMiddleware:
                 allowed = False
             if not allowed:
                 return AuthzDecision.denied_by_custom(check)
-        return inbound.authorizer.decide(request)
+        return None
 
-    async def _within(self, seconds: float, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app until the caller's deadline; past it, answer 504 if nothing was sent yet."""
+    async def _within(self, deadline: float, now: float, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app until the caller's deadline; past it, answer 504 if nothing was sent yet.
+
+        The app's own mesh calls inherit the deadline (``current_deadline``), so its
+        client may give up first, a hair before this timer, and raise
+        DeadlineExceededError: the caller's deadline has passed all the same, and the
+        answer is the same 504, not the 500 of an app error.
+        """
         started = False
 
         async def tracking(message: Message) -> None:
@@ -242,10 +269,18 @@ class MeshMiddleware:
                 started = True
             await send(message)
 
+        timeout = asyncio.timeout(deadline - now)
         try:
-            async with asyncio.timeout(seconds):
+            async with timeout:
                 await self.app(scope, receive, tracking)
+        except DeadlineExceededError:
+            if started or scope["type"] != "http" or deadline - self._clock() > _DEADLINE_SLACK:
+                raise  # the app's own, shorter timeout: its error to answer
+            log.info("meshlib: %s %s: the app's calls ran out of the caller's deadline", scope["method"], scope["path"])
+            await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
         except TimeoutError:
+            if not timeout.expired():
+                raise  # the app's own TimeoutError, not the caller's deadline: no 504 for it
             log.info("meshlib: %s %s stopped at the caller's deadline", scope.get("method"), scope.get("path"))
             if not started and scope["type"] == "http":
                 await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
