@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ PAYLOAD = b'{"ok":true}'
 Send = Callable[[], Awaitable[Any]]
 
 
-async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+async def app(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
     """The upstream: a tiny JSON answer, so the client and mesh costs dominate."""
     if scope["type"] != "http":
         return
@@ -47,15 +47,58 @@ def free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def upstream() -> Iterator[int]:
-    """A uvicorn (httptools, uvloop, no access log) server process on a free loopback port."""
-    port = free_port()
-    code = (
-        f"import uvicorn, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks._harness import app; "
-        f"uvicorn.run(app, host='127.0.0.1', port={port}, loop='uvloop', http='httptools', access_log=False, "
-        "log_level='error')"
+PEER_AUTHENTICATION_STRICT: dict[str, Any] = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "PeerAuthentication",
+    "metadata": {"name": "default", "namespace": "default"},
+    "spec": {"mtls": {"mode": "STRICT"}},
+}
+
+MTLS_WORKLOAD = "bench"
+"""The mTLS upstream's workload (its certificate names spiffe://cluster.local/ns/default/sa/bench)."""
+
+
+def serve_mtls(port: int, ca_dir: str) -> None:
+    """``app`` through ``meshlib.MeshServer`` (PeerAuthentication STRICT), its certificate from the CA in ``ca_dir``.
+
+    Same uvicorn options as the plaintext upstream: httptools, uvloop, no access log.
+    """
+    import meshlib
+
+    ca = meshlib.CertificateAuthority.load(ca_dir)
+    mesh = meshlib.Mesh.from_resources([PEER_AUTHENTICATION_STRICT], workload=meshlib.Workload(MTLS_WORKLOAD), ca=ca)
+    server = meshlib.MeshServer(
+        app,
+        mesh=mesh,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="error",
     )
+    server.run()
+
+
+@contextlib.contextmanager
+def upstream(ca_dir: Path | None = None) -> Iterator[int]:
+    """A uvicorn (httptools, uvloop, no access log) server process on a free loopback port.
+
+    With ``ca_dir`` (a folder ``CertificateAuthority.save`` wrote) it serves through
+    ``meshlib.MeshServer`` instead: mTLS only (STRICT), with a certificate from that CA.
+    """
+    port = free_port()
+    if ca_dir is None:
+        code = (
+            f"import uvicorn, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks._harness import app; "
+            f"uvicorn.run(app, host='127.0.0.1', port={port}, loop='uvloop', http='httptools', access_log=False, "
+            "log_level='error')"
+        )
+    else:
+        code = (
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks._harness import serve_mtls; "
+            f"serve_mtls({port}, {str(ca_dir)!r})"
+        )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 15

@@ -22,3 +22,21 @@ def test_inprocess_benchmark_runs_every_client() -> None:
         assert client in result.stdout
     assert "sequential" in result.stdout
     assert "concurrent" in result.stdout
+
+
+def test_middleware_benchmark_runs_every_server() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "middleware.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for server in (
+        "| bare app |",
+        "| MeshMiddleware, no policy |",
+        "| MeshMiddleware, authz |",
+        "| MeshMiddleware, authz + local limit |",
+    ):
+        assert server in result.stdout
