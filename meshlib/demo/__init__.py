@@ -121,7 +121,8 @@ def run_demo(config: str | None = None) -> int:
         for w in snapshot.warnings:
             print(f"  - {w}")
     print(
-        "\nThe engines and the in-process client enforce this policy today (docs/client.md); the live shop "
-        "with traffic, mTLS, the control plane and the sidecar join this demo as they land (see the README's status)."
+        "\nThe in-process client (docs/client.md), MeshMiddleware and meshlib.serve with mTLS "
+        "(docs/authorization.md, docs/security.md) enforce this policy today; the live shop with traffic, "
+        "the control plane and the sidecar join this demo as they land (see the README's status)."
     )
     return 0
