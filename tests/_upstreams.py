@@ -164,6 +164,34 @@ class Upstream:
 
 
 @contextlib.contextmanager
+def serving(
+    app: Any, *, mesh: Any = None, port: int | None = None, lifespan: str = "off", **options: Any
+) -> Iterator[int]:
+    """``app`` on a loopback port (free unless given) in a thread: uvicorn, or ``MeshServer`` (mTLS) with a mesh."""
+    port = port or free_port()
+    options = {"host": "127.0.0.1", "port": port, "log_level": "error", "lifespan": lifespan, **options}
+    server: uvicorn.Server
+    if mesh is not None:
+        from meshlib import MeshServer
+
+        server = MeshServer(app, mesh=mesh, **options)
+    else:
+        server = uvicorn.Server(uvicorn.Config(app, **options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    limit = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > limit:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
 def upstreams(*specs: Upstream) -> Iterator[tuple[Upstream, ...]]:
     started: list[Upstream] = []
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -13,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _upstreams import free_port, service_entry
+from _upstreams import service_entry, serving
 
 import meshlib
 from meshlib.engine import TLS_MODE_LABEL
@@ -39,18 +37,8 @@ def ca() -> meshlib.CertificateAuthority:
 @pytest.fixture(params=["fastapi_app", "starlette_app"])
 def orders(request: pytest.FixtureRequest, ca: meshlib.CertificateAuthority) -> Iterator[int]:
     mesh = meshlib.Mesh.from_files(EXAMPLES / "mesh.yaml", workload="orders", ca=ca)
-    port = free_port()
-    server = meshlib.MeshServer(load(request.param).build(mesh), mesh=mesh, port=port, log_level="error")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the example did not start")
-        time.sleep(0.01)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(load(request.param).build(mesh), mesh=mesh) as port:
+        yield port
     mesh.close()
 
 

@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from _upstreams import free_port, service_entry, virtual_service
+from _upstreams import free_port, service_entry, serving, virtual_service
 
 import meshlib
 from meshlib.engine import current_deadline
@@ -147,7 +146,7 @@ def test_a_response_already_started_is_cut_not_replaced() -> None:
         await asyncio.sleep(2)
 
     port = free_port()
-    with serving(MeshMiddleware(streaming, mesh=mesh_of()), port):
+    with serving(MeshMiddleware(streaming, mesh=mesh_of()), port=port):
         began = time.monotonic()
         with httpx.stream("GET", f"http://127.0.0.1:{port}/", headers={HEADER: "200"}) as response:
             assert response.status_code == 200  # already sent: no 504 can follow it
@@ -157,24 +156,6 @@ def test_a_response_already_started_is_cut_not_replaced() -> None:
 
 
 # -- a chain of three services on real uvicorn servers -------------------------------------------
-
-
-@contextlib.contextmanager
-def serving(app: Any, port: int) -> Iterator[None]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    limit = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > limit:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.01)
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 class Hop:
@@ -226,9 +207,9 @@ def chain() -> Iterator[tuple[int, Hop, Hop, Sleeper]]:
     mesh_c = mesh_of(workload="c")
     a, b, c = Hop(mesh_a, "b"), Hop(mesh_b, "c"), Sleeper()
     with (
-        serving(MeshMiddleware(c, mesh=mesh_c), port_c),
-        serving(MeshMiddleware(b, mesh=mesh_b), port_b),
-        serving(MeshMiddleware(a, mesh=mesh_a), port_a),
+        serving(MeshMiddleware(c, mesh=mesh_c), port=port_c),
+        serving(MeshMiddleware(b, mesh=mesh_b), port=port_b),
+        serving(MeshMiddleware(a, mesh=mesh_a), port=port_a),
     ):
         yield port_a, a, b, c
 

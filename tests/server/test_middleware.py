@@ -12,25 +12,21 @@ a trusted sidecar (``127.0.0.1`` here); the engine's own tables are in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from _upstreams import free_port, service_entry
+from _upstreams import service_entry, serving
 
 import meshlib
 from meshlib.engine import TLS_MODE_LABEL, AuthzRequest, CustomCheck
 from meshlib.policy import SpiffeId
-from meshlib.server import MeshMiddleware, MeshServer, PeerInfo
+from meshlib.server import MeshMiddleware, PeerInfo
 
 HTTPBIN = meshlib.Workload("httpbin", namespace="foo", labels={"app": "httpbin", "version": "v1"})
 SIDECAR = "127.0.0.1"
@@ -213,30 +209,6 @@ async def raw_call(
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return status, body
-
-
-@contextlib.contextmanager
-def serving(app: Any, *, mesh: meshlib.Mesh | None = None, lifespan: str = "off") -> Iterator[int]:
-    """``app`` on a free loopback port: real uvicorn, or ``MeshServer`` (mTLS) when given a mesh."""
-    port = free_port()
-    options: dict[str, Any] = {"host": "127.0.0.1", "port": port, "log_level": "error", "lifespan": lifespan}
-    server: uvicorn.Server
-    if mesh is not None:
-        server = MeshServer(app, mesh=mesh, **options)
-    else:
-        server = uvicorn.Server(uvicorn.Config(app, **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    limit = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > limit:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # -- 1. AuthorizationPolicy, action by action ----------------------------------------------------
