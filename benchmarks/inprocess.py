@@ -11,6 +11,10 @@ rounds (the median round is reported), each on a fresh client warmed the same wa
 - ``mesh``: the mesh client as shipped (its default inner transport);
 - ``httpx / fast``: ``httpx.AsyncClient(transport=FastAsyncTransport())``, no mesh: the
   transport alone;
+- ``mesh / httpcore + tracing`` and ``mesh + tracing``: the same two mesh clients with every
+  request traced (MeshConfig ``tracing.sampling: 100``): a CLIENT span per request and one
+  per attempt, recorded and handed to a ``BatchSpanProcessor`` whose exporter drops them
+  (the cost of making and queueing spans, not of shipping them to a collector);
 - ``mesh + mTLS``: the mesh client, same policy, to a second upstream process serving the
   same app through ``meshlib.MeshServer`` (PeerAuthentication STRICT); the endpoint is
   labelled ``security.istio.io/tlsMode: istio``, so the client speaks ISTIO_MUTUAL (auto
@@ -27,7 +31,9 @@ contexts) is timed too, to show what the handshake rows are made of.
 The mesh policy is everything the client enforces: a VirtualService route with a
 match, retries, route and per-try timeouts; a DestinationRule with LEAST_REQUEST,
 connection-pool limits, outlier detection and a retry budget; a client-side
-RateLimitPolicy; the default per-destination breaker. Tracing is off. The CA reaches
+RateLimitPolicy; the default per-destination breaker. Metrics are on; the access log is
+off; tracing is off (``sampling: 0``: the trace context is still propagated) but in the
+``+ tracing`` rows. The CA reaches
 the server process as Istio's plug-in CA folder (``ca.save``, ``CertificateAuthority.load``). Run:
 
     .venv/bin/python benchmarks/inprocess.py [--rounds 5] [--quick] [--no-write]
@@ -45,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,8 @@ import uvloop
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,8 +83,11 @@ from meshlib.engine import TLS_MODE_LABEL
 from meshlib.security import IssuedCertificate, make_csr, new_private_key, server_context, write_files
 
 
-def policy(port: int, mtls: bool = False) -> list[dict[str, Any]]:
-    """The full client policy for host ``bench``; ``mtls`` labels its endpoint for auto mTLS (ISTIO_MUTUAL)."""
+def policy(port: int, mtls: bool = False, sampling: float = 0.0) -> list[dict[str, Any]]:
+    """The full client policy for host ``bench``; ``mtls`` labels its endpoint for auto mTLS (ISTIO_MUTUAL).
+
+    ``sampling`` is the percentage of requests traced.
+    """
     labels = {"version": "v1", TLS_MODE_LABEL: "istio"} if mtls else {"version": "v1"}
     return [
         {
@@ -127,7 +139,23 @@ def policy(port: int, mtls: bool = False) -> list[dict[str, Any]]:
             "metadata": {"name": "bench"},
             "spec": {"side": "CLIENT", "host": "bench", "limits": [{"rate": "1000000/second"}]},
         },
+        {
+            "apiVersion": "meshlib.io/v1alpha1",
+            "kind": "MeshConfig",
+            "metadata": {"name": "mesh", "namespace": "istio-system"},
+            "spec": {"tracing": {"sampling": sampling}, "accessLog": {"enabled": False}},
+        },
     ]
+
+
+class _Dropping(SpanExporter):
+    """An exporter that accepts every batch and keeps nothing: spans made and queued, never shipped."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
 
 
 CLIENTS: dict[str, str] = {
@@ -135,10 +163,12 @@ CLIENTS: dict[str, str] = {
     "mesh / httpcore": "mesh client over httpx's transport",
     "mesh": "mesh client (default transport)",
     "httpx / fast": "httpx + FastAsyncTransport, no mesh",
+    "mesh / httpcore + tracing": "mesh client over httpx's transport, every request traced",
+    "mesh + tracing": "mesh client (default transport), every request traced",
     "mesh + mTLS": "mesh client, ISTIO_MUTUAL to a MeshServer (STRICT)",
     "httpx + mTLS": "httpx.AsyncClient(verify=<ssl context with a workload certificate>), same server",
 }
-PLAIN = ("httpx", "mesh / httpcore", "mesh", "httpx / fast")
+PLAIN = ("httpx", "mesh / httpcore", "mesh", "httpx / fast", "mesh / httpcore + tracing", "mesh + tracing")
 """The clients of the plaintext table (and of docs/img/inprocess.png)."""
 MTLS = ("httpx", "mesh", "mesh + mTLS", "httpx + mTLS")
 """The clients of the mTLS table, each pooled and with a new connection per request."""
@@ -181,6 +211,10 @@ class Setup:
         self.port = port
         self.tls_port = tls_port
         self.mesh = Mesh.from_resources(policy(port), workload="bench-client")
+        self.traced_mesh = Mesh.from_resources(policy(port, sampling=100.0), workload="bench-client")
+        provider = self.traced_mesh.telemetry.tracing.provider
+        assert isinstance(provider, TracerProvider)
+        provider.add_span_processor(BatchSpanProcessor(_Dropping()))
         self.mtls_mesh = Mesh.from_resources(policy(tls_port, mtls=True), workload="bench-client", ca=ca)
         self.httpx_tls = httpx_tls
         key, issued = issue(ca, MTLS_WORKLOAD)
@@ -189,6 +223,7 @@ class Setup:
 
     def close(self) -> None:
         self.mesh.close()
+        self.traced_mesh.close()
         self.mtls_mesh.close()
 
 
@@ -202,6 +237,10 @@ def make(kind: str, mode: str, setup: Setup) -> tuple[httpx.AsyncClient, str]:
         return setup.mesh.async_client(transport=httpx.AsyncHTTPTransport()), "http://bench/"
     if kind == "mesh":
         return setup.mesh.async_client(headers=headers), "http://bench/"
+    if kind == "mesh / httpcore + tracing":
+        return setup.traced_mesh.async_client(transport=httpx.AsyncHTTPTransport()), "http://bench/"
+    if kind == "mesh + tracing":
+        return setup.traced_mesh.async_client(headers=headers), "http://bench/"
     if kind == "mesh + mTLS":
         return setup.mtls_mesh.async_client(headers=headers), "http://bench/"
     if kind == "httpx + mTLS":
@@ -495,7 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         plain,
         "",
         "The mesh rows carry the full client policy (route match, retries, timeouts, LEAST_REQUEST, pool limits, "
-        "outlier detection, retry budget, breaker, client rate limit); tracing off.",
+        "outlier detection, retry budget, breaker, client rate limit) and Istio's request metrics; no access log. "
+        "Tracing is off (`sampling: 0`; the `traceparent` header is still sent) except in the `+ tracing` rows, "
+        "where every request is sampled: a CLIENT span for the request and one for its attempt, batched to an "
+        "exporter that drops them.",
     ]
     if has_plot:
         body += ["", "![in-process latency](img/inprocess.png)"]

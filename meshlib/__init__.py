@@ -27,6 +27,7 @@ from .mesh import Mesh
 from .policy import Snapshot, SpiffeId, Workload, validate_paths
 from .security import CertificateAuthority, PeerIdentityError
 from .server import MeshMiddleware, MeshServer, PeerInfo, peer_identity, serve
+from .telemetry import RequestRecord, Telemetry, Tracing, metrics_app
 
 __version__ = "0.1.0.dev0"
 
@@ -51,6 +52,10 @@ __all__ = [
     "serve",
     "PolicyError",
     "RateLimitedError",
+    "RequestRecord",
+    "Telemetry",
+    "Tracing",
+    "metrics_app",
     "RequestPathError",
     "RetriesExhaustedError",
     "SecurityError",

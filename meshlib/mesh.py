@@ -16,11 +16,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
+from opentelemetry.trace import TracerProvider
 
 from ._exceptions import SecurityError
 from .engine import Inbound, Outbound
 from .policy import Resource, Snapshot, SpiffeId, Workload
 from .security import CertificateAuthority, LocalIssuer, TlsContexts, WorkloadCertificates
+from .telemetry import EngineState, Telemetry, metrics_app
+from .telemetry._endpoint import ASGIApp
 
 CaSource = CertificateAuthority | str | os.PathLike[str]
 
@@ -40,6 +43,7 @@ class Mesh:
         seed: int | None = None,
         ca: CaSource | None = None,
         certificates: WorkloadCertificates | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.workload: Workload | None = Workload.coerce(workload) if workload is not None else None
         self._rng = random.Random(seed)
@@ -52,6 +56,14 @@ class Mesh:
         self.certificates: WorkloadCertificates | None = certificates
         """The workload's certificate and its renewal (None: no identity, plaintext only)."""
         self.tls = TlsContexts(certificates)
+        self.telemetry = Telemetry(
+            snapshot.mesh_config,
+            service_name=self.workload.name if self.workload is not None else "unknown",
+            namespace=self.workload.namespace if self.workload is not None else None,
+            engine_state=self._engine_state,
+            tracer_provider=tracer_provider,
+        )
+        """Metrics, access log and tracing, configured by the snapshot's MeshConfig."""
         if certificates is not None:
             certificates.start()
 
@@ -84,9 +96,26 @@ class Mesh:
         return self.certificates.identity if self.certificates is not None else None
 
     def close(self) -> None:
-        """Stop renewing the certificate (clients and servers close on their own)."""
+        """Stop renewing the certificate, close the access log, flush spans (clients and servers close on their own)."""
         if self.certificates is not None:
             self.certificates.stop()
+        self.telemetry.close()
+
+    def _engine_state(self) -> EngineState:
+        """What the metrics collector reads at scrape time (never on the request path)."""
+        workload = self.workload
+        return EngineState(
+            outbound=self._outbound,
+            inbound=self._inbound,
+            certificates=self.certificates,
+            version=self.version,
+            workload=workload.name if workload is not None else "unknown",
+            namespace=workload.namespace if workload is not None else "unknown",
+        )
+
+    def metrics_app(self) -> ASGIApp:
+        """The ASGI app serving this mesh's Prometheus metrics (mount it at ``/metrics``)."""
+        return metrics_app(self.telemetry.registry)
 
     # -- construction ------------------------------------------------------------
 
@@ -97,13 +126,16 @@ class Mesh:
         workload: Workload | str | None = None,
         seed: int | None = None,
         ca: CaSource | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> Mesh:
         """A static mesh from YAML files or folders (one configuration; errors raise PolicyError).
 
         ``ca`` (a folder made by ``meshlib ca init``, or a ``CertificateAuthority``)
         gives the workload a certificate, so it speaks the mesh's mTLS.
+        ``tracer_provider``: spans go to this OpenTelemetry provider (its sampler and
+        exporters) instead of the one meshlib builds from MeshConfig.
         """
-        return cls(Snapshot.from_files(*paths), workload, seed=seed, ca=ca)
+        return cls(Snapshot.from_files(*paths), workload, seed=seed, ca=ca, tracer_provider=tracer_provider)
 
     @classmethod
     def from_resources(
@@ -113,9 +145,10 @@ class Mesh:
         workload: Workload | str | None = None,
         seed: int | None = None,
         ca: CaSource | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> Mesh:
         """A static mesh from parsed documents (dicts as YAML gives them) or resource models."""
-        return cls(Snapshot.from_resources(documents), workload, seed=seed, ca=ca)
+        return cls(Snapshot.from_resources(documents), workload, seed=seed, ca=ca, tracer_provider=tracer_provider)
 
     # -- the configuration in force ----------------------------------------------
 
@@ -151,7 +184,9 @@ class Mesh:
         snapshot = config if isinstance(config, Snapshot) else Snapshot.from_resources(config)
         if snapshot.version == self.version:
             return self.version
-        self._outbound = Outbound(snapshot, self.workload, self._rng, previous=self._outbound)
+        outbound = Outbound(snapshot, self.workload, self._rng, previous=self._outbound)
+        self.telemetry.reconfigure(snapshot.mesh_config)  # an access log it cannot open raises here: nothing swapped
+        self._outbound = outbound
         log.info("meshlib: configuration %s in force", snapshot.version)
         return snapshot.version
 

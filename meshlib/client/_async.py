@@ -25,6 +25,7 @@ from ..engine import (
     Passthrough,
     Proceed,
     Refusal,
+    RequestView,
     RetryPolicy,
     TlsOrigination,
     current_deadline,
@@ -32,14 +33,20 @@ from ..engine import (
 )
 from ._common import (
     DEFAULT_REPLAY_LIMIT,
+    PASSTHROUGH_CLUSTER,
+    Flight,
     apply_header_ops,
     attach_request,
     attempt_url,
     failure_of,
     local_response,
     outcome_of,
+    refused,
     request_view,
+    retry_flag,
     shadow_request,
+    source_of,
+    view_host,
     with_timeouts,
 )
 from ._fasthttp import FastAsyncTransport
@@ -119,6 +126,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         # One TLS transport per way of reaching endpoints (ISTIO_MUTUAL to an identity, SIMPLE...):
         # each keeps its own pool, so a connection is never reused with another peer check.
         self._secure: dict[TlsOrigination, FastAsyncTransport] = {}
+        self._source = source_of(mesh)
 
     def _sender(self, step: Attempt, dest: Destination, request: httpx.Request) -> httpx.AsyncBaseTransport | None:
         """The transport for this attempt if it speaks TLS (None: plaintext through ``inner``)."""
@@ -137,22 +145,33 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return transport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        started = self._clock()
         outbound = self._mesh.outbound  # one snapshot for the whole request
+        telemetry = self._mesh.telemetry
         replayable = await self._buffer(request)
+        view = request_view(request)
         try:
-            plan = outbound.plan(
-                request_view(request), self._clock(), replayable=replayable, caller_deadline=current_deadline.get()
-            )
+            plan = outbound.plan(view, started, replayable=replayable, caller_deadline=current_deadline.get())
         except RequestPathError as exc:
+            refused(telemetry, self._source, view, exc, started, self._clock())
             raise attach_request(exc, request) from None
         if isinstance(plan, Passthrough):
-            return await self._inner.handle_async_request(request)
+            return await self._passthrough(request, view, Flight(telemetry, request.method, started))
         if isinstance(plan, LocalReply):
+            flight = Flight(telemetry, f"{request.method} {view_host(view)}", started)
             if plan.delay:
                 await asyncio.sleep(plan.delay)
-            return local_response(plan, request)
+            flight.flag = plan.flag
+            reply = local_response(plan, request)
+            flight.finish(self._source, view, view_host(view), None, plan.status, None, self._clock(), plan.decision)
+            return reply
         assert isinstance(plan, Proceed)
         original = request.url
+        call = plan.call
+        dest = call.destination
+        flight = Flight(telemetry, f"{request.method} {dest.host}", started)
+        response: httpx.Response | None = None
+        error: BaseException | None = None
         try:
             if plan.delay:
                 await asyncio.sleep(plan.delay)
@@ -162,22 +181,50 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 request.headers["host"] = plan.authority
             if plan.mirrors and replayable:
                 self._mirror(plan.mirrors, request, plan.path)
-            response = await self._attempts(plan.call, request, original, plan.path, outbound.deadline_header)
+            response = await self._attempts(call, request, original, plan.path, outbound.deadline_header, flight)
             if plan.response_headers:
                 response.headers = apply_header_ops(response.headers, plan.response_headers)
             return response
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             request.url = original
-            plan.call.close()
+            call.close()
+            status = response.status_code if response is not None else 0
+            flight.finish(self._source, view, dest.host, dest, status, error, self._clock(), plan.decision, response)
+
+    async def _passthrough(self, request: httpx.Request, view: RequestView, flight: Flight) -> httpx.Response:
+        """A host outside the mesh: sent untouched but for the trace context, reported as PassthroughCluster."""
+        span = flight.passthrough(request)
+        response: httpx.Response | None = None
+        error: BaseException | None = None
+        try:
+            response = await self._inner.handle_async_request(request)
+            return response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            status = response.status_code if response is not None else 0
+            flight.attempt_done(span, status or None, error)
+            flight.finish(self._source, view, PASSTHROUGH_CLUSTER, None, status, error, self._clock(), None, response)
 
     async def _attempts(
-        self, call: Call, request: httpx.Request, original: httpx.URL, path: str | None, deadline_header: str | None
+        self,
+        call: Call,
+        request: httpx.Request,
+        original: httpx.URL,
+        path: str | None,
+        deadline_header: str | None,
+        flight: Flight,
     ) -> httpx.Response:
         last: httpx.Response | None = None
         while True:
             step = call.next_attempt(self._clock())
             if isinstance(step, Refusal):
                 if last is not None:
+                    flight.flag = step.flag
                     return last  # Envoy answers with the last response when it cannot retry
                 raise step.error(step.message, request=request)
             if step.queued:
@@ -195,6 +242,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if step.close_connection:
                 request.headers["connection"] = "close"  # maxRequestsPerConnection: 1
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
+            span = flight.attempt(step, request.method, request.headers)
             started = self._clock()
             if call.deadline is not None and deadline_header is not None:
                 request.headers[deadline_header] = deadline_to_header(call.deadline, started)
@@ -206,6 +254,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     exc = httpx.ReadTimeout(
                         f"attempt {step.number} timed out after {step.timeout:.3f}s", request=request
                     )
+                flight.attempt_done(span, None, exc)
                 end = self._clock()
                 verdict = call.finish(step, Outcome.failed(failure_of(exc), duration=end - started), end)
                 if verdict.retry:
@@ -217,12 +266,16 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                         request=request,
                     ) from exc
                 raise exc from None
-            except BaseException:
+            except BaseException as exc:
+                flight.attempt_done(span, None, exc)
                 call.abandon(step)  # cancelled, or a bug below us: free the slot, learn nothing
                 raise
+            flight.attempt_done(span, response.status_code)
             end = self._clock()
-            verdict = call.finish(step, outcome_of(response, started, end), end, hold=True)
+            outcome = outcome_of(response, started, end)
+            verdict = call.finish(step, outcome, end, hold=True)
             if not verdict.retry:
+                flight.flag = retry_flag(verdict, call, step, outcome)
                 if step.held is not None:
                     response.stream = _Releasing(response.stream, call, step)
                 return response

@@ -27,6 +27,7 @@ from ..engine import (
     Passthrough,
     Proceed,
     Refusal,
+    RequestView,
     RetryPolicy,
     TlsOrigination,
     current_deadline,
@@ -35,14 +36,20 @@ from ..engine import (
 from ._async import MAX_MIRRORS_IN_FLIGHT, MIRROR_TIMEOUT
 from ._common import (
     DEFAULT_REPLAY_LIMIT,
+    PASSTHROUGH_CLUSTER,
+    Flight,
     apply_header_ops,
     attach_request,
     attempt_url,
     failure_of,
     local_response,
     outcome_of,
+    refused,
     request_view,
+    retry_flag,
     shadow_request,
+    source_of,
+    view_host,
     with_timeouts,
 )
 
@@ -108,6 +115,7 @@ class MeshTransport(httpx.BaseTransport):
         # the one it replaces closes at the next rotation (its requests have long finished).
         self._secure: dict[TlsOrigination, tuple[ssl.SSLContext, httpx.HTTPTransport]] = {}
         self._retired: list[httpx.HTTPTransport] = []
+        self._source = source_of(mesh)
         self._secure_lock = threading.Lock()
 
     def _sender(self, step: Attempt, dest: Destination, request: httpx.Request) -> httpx.BaseTransport | None:
@@ -132,22 +140,33 @@ class MeshTransport(httpx.BaseTransport):
         return entry[1]
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        started = self._clock()
         outbound = self._mesh.outbound  # one snapshot for the whole request
+        telemetry = self._mesh.telemetry
         replayable = self._buffer(request)
+        view = request_view(request)
         try:
-            plan = outbound.plan(
-                request_view(request), self._clock(), replayable=replayable, caller_deadline=current_deadline.get()
-            )
+            plan = outbound.plan(view, started, replayable=replayable, caller_deadline=current_deadline.get())
         except RequestPathError as exc:
+            refused(telemetry, self._source, view, exc, started, self._clock())
             raise attach_request(exc, request) from None
         if isinstance(plan, Passthrough):
-            return self._inner.handle_request(request)
+            return self._passthrough(request, view, Flight(telemetry, request.method, started))
         if isinstance(plan, LocalReply):
+            flight = Flight(telemetry, f"{request.method} {view_host(view)}", started)
             if plan.delay:
                 self._sleep(plan.delay)
-            return local_response(plan, request)
+            flight.flag = plan.flag
+            reply = local_response(plan, request)
+            flight.finish(self._source, view, view_host(view), None, plan.status, None, self._clock(), plan.decision)
+            return reply
         assert isinstance(plan, Proceed)
         original = request.url
+        call = plan.call
+        dest = call.destination
+        flight = Flight(telemetry, f"{request.method} {dest.host}", started)
+        response: httpx.Response | None = None
+        error: BaseException | None = None
         try:
             if plan.delay:
                 self._sleep(plan.delay)
@@ -157,22 +176,50 @@ class MeshTransport(httpx.BaseTransport):
                 request.headers["host"] = plan.authority
             if plan.mirrors and replayable:
                 self._mirror(plan.mirrors, request, plan.path)
-            response = self._attempts(plan.call, request, original, plan.path, outbound.deadline_header)
+            response = self._attempts(call, request, original, plan.path, outbound.deadline_header, flight)
             if plan.response_headers:
                 response.headers = apply_header_ops(response.headers, plan.response_headers)
             return response
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             request.url = original
-            plan.call.close()
+            call.close()
+            status = response.status_code if response is not None else 0
+            flight.finish(self._source, view, dest.host, dest, status, error, self._clock(), plan.decision, response)
+
+    def _passthrough(self, request: httpx.Request, view: RequestView, flight: Flight) -> httpx.Response:
+        """A host outside the mesh: sent untouched but for the trace context, reported as PassthroughCluster."""
+        span = flight.passthrough(request)
+        response: httpx.Response | None = None
+        error: BaseException | None = None
+        try:
+            response = self._inner.handle_request(request)
+            return response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            status = response.status_code if response is not None else 0
+            flight.attempt_done(span, status or None, error)
+            flight.finish(self._source, view, PASSTHROUGH_CLUSTER, None, status, error, self._clock(), None, response)
 
     def _attempts(
-        self, call: Call, request: httpx.Request, original: httpx.URL, path: str | None, deadline_header: str | None
+        self,
+        call: Call,
+        request: httpx.Request,
+        original: httpx.URL,
+        path: str | None,
+        deadline_header: str | None,
+        flight: Flight,
     ) -> httpx.Response:
         last: httpx.Response | None = None
         while True:
             step = call.next_attempt(self._clock())
             if isinstance(step, Refusal):
                 if last is not None:
+                    flight.flag = step.flag
                     return last  # Envoy answers with the last response when it cannot retry
                 raise step.error(step.message, request=request)
             if step.queued:
@@ -190,12 +237,14 @@ class MeshTransport(httpx.BaseTransport):
             if step.close_connection:
                 request.headers["connection"] = "close"  # maxRequestsPerConnection: 1
             with_timeouts(request, step.timeout, call.destination.pool.connect_timeout)
+            span = flight.attempt(step, request.method, request.headers)
             started = self._clock()
             if call.deadline is not None and deadline_header is not None:
                 request.headers[deadline_header] = deadline_to_header(call.deadline, started)
             try:
                 response = sender.handle_request(request)
             except httpx.TransportError as exc:
+                flight.attempt_done(span, None, exc)
                 end = self._clock()
                 verdict = call.finish(step, Outcome.failed(failure_of(exc), duration=end - started), end)
                 if verdict.retry:
@@ -207,12 +256,16 @@ class MeshTransport(httpx.BaseTransport):
                         request=request,
                     ) from exc
                 raise
-            except BaseException:
+            except BaseException as exc:
+                flight.attempt_done(span, None, exc)
                 call.abandon(step)  # interrupted, or a bug below us: free the slot, learn nothing
                 raise
+            flight.attempt_done(span, response.status_code)
             end = self._clock()
-            verdict = call.finish(step, outcome_of(response, started, end), end, hold=True)
+            outcome = outcome_of(response, started, end)
+            verdict = call.finish(step, outcome, end, hold=True)
             if not verdict.retry:
+                flight.flag = retry_flag(verdict, call, step, outcome)
                 if step.held is not None:
                     response.stream = _Releasing(response.stream, call, step)
                 return response

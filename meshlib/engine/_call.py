@@ -173,6 +173,7 @@ class Call:
             return Refusal(CircuitOpenError, f"circuit breaker for {dest.name} is {dest.breaker.state}")
         admission = dest.pool.try_acquire(is_retry=number > 1)
         if admission is Admission.REJECT:
+            dest.counters.pool_overflows += 1
             dest.breaker.release_probe()
             return Refusal(CircuitOpenError, f"connection pool of {dest.name} is full (overflow)")
         self.attempts = number
@@ -234,8 +235,8 @@ class Call:
         which the adapter calls when the body is closed.
         """
         dest = self.destination
-        if attempt.endpoint is not None:
-            dest.outlier.record(attempt.key, outcome, now)
+        if attempt.endpoint is not None and dest.outlier.record(attempt.key, outcome, now):
+            dest.counters.ejections += 1
         dest.breaker.record(outcome, now)
         self._end_retry(attempt)
         verdict = self._verdict(attempt, outcome, now)
@@ -274,8 +275,10 @@ class Call:
             late: type[RequestPathError] | None = DeadlineExceededError if outcome.failure is not None else None
             return Verdict(False, reason="deadline", error=late, flag="UT" if late else "")
         if dest.budget is not None and not dest.budget.try_withdraw(now):
+            dest.counters.retry_budget_exhausted += 1
             spent: type[RequestPathError] | None = RetriesExhaustedError if outcome.failure is not None else None
             return Verdict(False, reason="retry budget exhausted", error=spent, flag="URX")
+        dest.counters.retries += 1
         return Verdict(True, delay=decision.delay, reason=decision.reason.value)
 
     def _end_retry(self, attempt: Attempt) -> None:

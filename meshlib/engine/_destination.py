@@ -22,10 +22,32 @@ from ._outlier import OutlierDetector
 from ._pool import PoolLimits
 from ._tls import TlsOrigination, origination_for
 
-__all__ = ["Destination", "DestinationKey"]
+__all__ = ["Destination", "DestinationCounters", "DestinationKey"]
 
 DestinationKey = tuple[str, str | None, int | None]
 """(canonical host, subset or None, port or None)."""
+
+
+class DestinationCounters:
+    """Event counts of one cluster, for metrics.
+
+    One object is shared by a cluster's successive ``Destination``s (whatever
+    changed in its policy), so the counts survive snapshot swaps and calls still
+    running on the old snapshot's destination count in the same place. Plain ints:
+    a rare lost increment under thread contention is acceptable for a metric.
+    """
+
+    __slots__ = ("ejections", "pool_overflows", "retries", "retry_budget_exhausted")
+
+    def __init__(self) -> None:
+        self.retries = 0
+        """Retries decided (the verdict said retry)."""
+        self.retry_budget_exhausted = 0
+        """Retries the retry budget refused."""
+        self.ejections = 0
+        """Endpoints the outlier detector ejected."""
+        self.pool_overflows = 0
+        """Attempts the connection pool refused (UO)."""
 
 
 class Destination:
@@ -37,6 +59,7 @@ class Destination:
         "budget",
         "budget_spec",
         "close_connections",
+        "counters",
         "dns_target",
         "endpoints",
         "host",
@@ -66,6 +89,7 @@ class Destination:
         policy: TrafficPolicy | None = view.traffic_policy
         self.policy = policy
         self.endpoints: tuple[Endpoint, ...] = view.endpoints
+        self.counters: DestinationCounters = previous.counters if previous is not None else DestinationCounters()
         pool_http = policy.connection_pool.http if policy is not None and policy.connection_pool else None
         # maxRequestsPerConnection: 1 is Istio's "keep-alive off": every attempt asks the upstream to close.
         # Other limits (2 and up) are not enforced: the HTTP client reuses connections at will.

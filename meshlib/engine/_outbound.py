@@ -175,6 +175,11 @@ class Outbound:
     def destinations(self) -> Mapping[DestinationKey, Destination]:
         return self._destinations
 
+    @property
+    def rate_limiters(self) -> Mapping[str, RateLimiterEngine]:
+        """The client rate limits by canonical host (for metrics)."""
+        return self._limits
+
     def retry_policy(self, decision: RouteDecision) -> RetryPolicy:
         route = decision.http_route
         non_idempotent = decision.virtual_service in self._retry_non_idempotent

@@ -121,6 +121,8 @@ class RateLimiterEngine:
         self._storages: dict[str, Storage] = {}
         self._limiters: dict[tuple[str, str], RateLimiter] = {}
         self._failing: set[str] = set()
+        self.refused: dict[tuple[str, str], int] = {}
+        """Requests refused, by (policy, limit name), for metrics; the engine carries over with its policies."""
         limits: list[tuple[_Limit, RateLimiter]] = []
         for policy in policies:
             spec = policy.spec
@@ -219,6 +221,7 @@ class RateLimiterEngine:
             )
         if limit.fail_open:
             return None
+        self._count(limit)
         return RateDecision(False, retry_after=1.0, limit=limit.name, policy=limit.policy, storage_failed=True)
 
     def _storage_ok(self, limit: _Limit) -> None:
@@ -226,8 +229,12 @@ class RateLimiterEngine:
             self._failing.discard(limit.storage)
             log.info("rate limit storage %s of %s is back", _redact(limit.storage), limit.policy)
 
-    @staticmethod
-    def _refusal(limit: _Limit, limiter: RateLimiter, item: RateLimitItem, key: str) -> RateDecision:
+    def _count(self, limit: _Limit) -> None:
+        ref = (limit.policy, limit.name)
+        self.refused[ref] = self.refused.get(ref, 0) + 1
+
+    def _refusal(self, limit: _Limit, limiter: RateLimiter, item: RateLimitItem, key: str) -> RateDecision:
+        self._count(limit)
         stats = limiter.get_window_stats(item, key)
         wait = max(0.0, stats.reset_time - time.time())
         return RateDecision(

@@ -163,9 +163,9 @@ def _default_propagators() -> list[Propagator]:
 class TracingSettings(MeshModel):
     """Traces: ``sampling`` is a percentage (Istio's default 1.0 %) of new traces kept.
 
-    Propagated context (an incoming sampled trace) is always honoured. No
-    ``otlpEndpoint`` means spans go to the OpenTelemetry SDK's configured exporter
-    (none by default).
+    Propagated context (an incoming sampled trace) is always honoured. Spans go to
+    the mesh's own tracer provider; without ``otlpEndpoint`` it has no exporter, so
+    nothing leaves the process.
     """
 
     sampling: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -190,12 +190,20 @@ class TracingSettings(MeshModel):
 
 
 class AccessLogSettings(MeshModel):
-    """One access-log line per request on the server side; JSON by default so it parses.
+    """One access-log line per request at each end; JSON by default so it parses.
 
-    ``path`` unset means standard output (what container log collectors read).
+    Off unless asked for, as in Istio (no ``accessLogFile``, no access log): a
+    ``path`` turns it on, and ``enabled: true`` without a path writes to standard
+    output (what container log collectors read).
     """
 
-    enabled: bool = True
+    enabled: bool | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether lines are written: ``enabled`` when set, else whether a ``path`` is given."""
+        return self.enabled if self.enabled is not None else self.path is not None
+
     format: Literal["JSON", "TEXT"] = "JSON"
     path: str | None = None
 

@@ -24,6 +24,10 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from .._exceptions import DeadlineExceededError
 from ..engine import (
     AuthzDecision,
@@ -40,6 +44,7 @@ from ..engine import (
     normalize_path,
 )
 from ..policy import SpiffeId
+from ..telemetry import RequestRecord, format_trace_id
 from ._peer import PeerInfo
 from ._xfcc import HEADER as XFCC
 from ._xfcc import peer_from_xfcc
@@ -74,6 +79,20 @@ order: loop clocks are coarse (uvloop's is cached per iteration, in milliseconds
 _PLAINTEXT = b"meshlib: this port requires mutual TLS (PeerAuthentication STRICT)"
 
 
+class _Exchange:
+    """What one request's handling learned, for its span and record."""
+
+    __slots__ = ("decision", "flag", "peer", "sent", "status", "wall")
+
+    def __init__(self, wall: float) -> None:
+        self.wall = wall
+        self.status = 0
+        self.sent = 0
+        self.flag = ""
+        self.peer: PeerInfo | None = None
+        self.decision: AuthzDecision | None = None
+
+
 class MeshMiddleware:
     """Enforce the mesh's inbound policy on an ASGI app (Starlette, FastAPI, plain ASGI).
 
@@ -100,12 +119,154 @@ class MeshMiddleware:
         self.custom = custom
         self.request_principal = request_principal
         self._clock = clock
+        workload = mesh.workload
+        identity = mesh.identity
+        self._destination = (
+            workload.name if workload is not None else "unknown",
+            workload.namespace if workload is not None else "unknown",
+            workload.labels.get("version", "unknown") if workload is not None else "unknown",
+            identity.principal if identity is not None else "unknown",
+            # Istio's destination_service is the service's host; meshlib takes the service to be named
+            # like the workload (no registry lookup per request), as the callers' canonical host names it.
+            f"{workload.name}.{workload.namespace}.svc.cluster.local" if workload is not None else "unknown",
+        )
+        """This workload's labels as the destination of what it serves: computed once."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
+        started = self._clock()
+        headers: dict[str, str] = {}
+        xfcc = False
+        for name, value in scope["headers"]:
+            key = name.decode("latin-1").lower()
+            if key == _XFCC_NAME:  # in any case: a spoofed header the check missed would reach the app
+                xfcc = True
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]},{text}" if key in headers else text
+        telemetry = self.mesh.telemetry
+        tracing = telemetry.tracing
+        parent = tracing.extract(headers)
+        method = scope.get("method", "GET")
+        span = tracing.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))  # the app's mesh calls are children
+        exchange = _Exchange(time.time())
+
+        async def sending(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                exchange.status = message["status"]
+            elif kind == "http.response.body":
+                exchange.sent += len(message.get("body", b""))
+            elif kind == "websocket.accept":
+                exchange.status = 101
+            elif kind == "websocket.close" and not exchange.status:
+                exchange.status = 403  # closed before the handshake was accepted: the server answers 403
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self._handle(scope, receive, sending, headers, xfcc, exchange)
+        except asyncio.CancelledError as exc:
+            exchange.flag = exchange.flag or "DC"  # the server gave up on the request: the client went away
+            error = exc
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            otel_context.detach(token)
+            self._report(scope, headers, span, exchange, error, started)
+
+    def _report(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        span: trace.Span,
+        exchange: _Exchange,
+        error: BaseException | None,
+        started: float,
+    ) -> None:
+        """End the SERVER span and report the record (reporter ``destination``); never raises."""
+        try:
+            status = exchange.status
+            if not status and error is not None and not isinstance(error, asyncio.CancelledError):
+                status = 500  # the app raised before answering: the server answers 500
+            peer = exchange.peer
+            spiffe = peer.spiffe_id if peer is not None else None
+            decision = exchange.decision
+            query = scope.get("query_string") or b""
+            raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+            path = (raw + b"?" + query if query else raw).decode("latin-1")
+            flag = exchange.flag or "-"
+            if span.is_recording():
+                attributes: dict[str, str | int | bool] = {
+                    "http.request.method": scope.get("method", "GET"),
+                    "url.path": scope["path"],
+                    "url.scheme": scope.get("scheme", "http"),
+                    "meshlib.workload": self._destination[0],
+                    "meshlib.response_flags": flag,
+                }
+                client = scope.get("client")
+                if client:
+                    attributes["client.address"] = client[0]
+                if spiffe is not None:
+                    attributes["meshlib.peer.principal"] = spiffe.principal
+                if decision is not None:
+                    if decision.policy:
+                        attributes["meshlib.authz.policy"] = decision.policy
+                    if decision.audit:
+                        attributes["meshlib.authz.audit"] = decision.audit
+                    attributes["meshlib.authz.allowed"] = decision.allowed
+                if status:
+                    attributes["http.response.status_code"] = status
+                if status >= 500 or (error is not None and not status):
+                    span.set_status(Status(StatusCode.ERROR))  # a 4xx is the client's error, not the server's
+                if error is not None:
+                    attributes["error.type"] = type(error).__qualname__
+                span.set_attributes(attributes)  # one call: the SDK takes a lock per call
+            span.end()
+            server = scope.get("server")
+            length = headers.get("content-length", "")
+            dest = self._destination
+            self.mesh.telemetry.record(
+                RequestRecord(
+                    "destination",
+                    # No metadata exchange: the peer's service account stands for its workload name.
+                    source_workload=spiffe.service_account if spiffe is not None else "unknown",
+                    source_namespace=spiffe.namespace if spiffe is not None else "unknown",
+                    source_principal=spiffe.principal if spiffe is not None else "unknown",
+                    destination_service=dest[4],
+                    destination_workload=dest[0],
+                    destination_namespace=dest[1],
+                    destination_subset=dest[2],
+                    destination_principal=dest[3],
+                    response_code=status,
+                    response_flags=flag,
+                    connection_security_policy="mutual_tls" if peer is not None and peer.mtls else "none",
+                    start_time=exchange.wall,
+                    duration=self._clock() - started,
+                    method=scope.get("method", "GET"),
+                    path=path,
+                    authority=headers.get("host", ""),
+                    upstream_host=f"{server[0]}:{server[1]}" if server else "",
+                    bytes_received=int(length) if length.isdigit() else 0,
+                    bytes_sent=exchange.sent,
+                    authz_policy=decision.policy or "" if decision is not None else "",
+                    audit=decision.audit or "" if decision is not None else "",
+                    trace_id=format_trace_id(span),
+                    user_agent=headers.get("user-agent", ""),
+                    request_id=headers.get("x-request-id", ""),
+                )
+            )
+        except Exception:
+            log.exception("meshlib: cannot report a finished request")
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], xfcc: bool, exchange: _Exchange
+    ) -> None:
         inbound: Inbound = self.mesh.inbound  # one snapshot for the whole request
         method = scope.get("method", "GET")
         if not check_method(method):
@@ -117,17 +278,9 @@ class MeshMiddleware:
         except BadPathError as exc:
             await _reply(scope, receive, send, 400, f"meshlib: {exc}".encode())
             return
-        headers: dict[str, str] = {}
-        xfcc = False
-        for name, value in scope["headers"]:
-            key = name.decode("latin-1").lower()
-            if key == _XFCC_NAME:  # in any case: a spoofed header the check missed would reach the app
-                xfcc = True
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]},{text}" if key in headers else text
         client = scope.get("client")
         source_ip = client[0] if client else ""
-        peer = self._peer(scope, headers, source_ip, xfcc)
+        peer = exchange.peer = self._peer(scope, headers, source_ip, xfcc)
         server = scope.get("server")
         port = int(server[1]) if server and server[1] is not None else 0
         destination_ip = server[0] if server else None
@@ -156,6 +309,9 @@ class MeshMiddleware:
         decision = await self._custom(checks, request) if checks else None
         if decision is None:
             decision = inbound.authorizer.decide(request)
+        else:
+            exchange.flag = "UAEX"  # refused by the external authorizer (Envoy's ext_authz flag)
+        exchange.decision = decision
         extensions = scope.get("extensions")
         if extensions is None:  # absent, or None as some servers leave it
             extensions = scope["extensions"] = {}
@@ -190,6 +346,7 @@ class MeshMiddleware:
             # A Redis-backed limit does network IO: keep it off the event loop.
             limited = await asyncio.to_thread(check, inputs) if inbound.limits.remote else check(inputs)
             if not limited.allowed:
+                exchange.flag = "RL"
                 await _reply(scope, receive, send, 429, b"meshlib: rate limited", _limit_headers(limited))
                 return
 
@@ -198,6 +355,7 @@ class MeshMiddleware:
         if inbound.deadline_header is not None:
             deadline = deadline_from_header(headers.get(inbound.deadline_header), now)
         if deadline is not None and deadline <= now:
+            exchange.flag = "UT"
             await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
             return
         deadline = earliest(deadline, current_deadline.get())
@@ -212,7 +370,7 @@ class MeshMiddleware:
             if deadline is None:
                 await self.app(scope, receive, send)
             else:
-                await self._within(deadline, now, scope, receive, send)
+                await self._within(deadline, now, scope, receive, send, exchange)
         finally:
             current_deadline.reset(token)
 
@@ -253,7 +411,9 @@ class MeshMiddleware:
                 return AuthzDecision.denied_by_custom(check)
         return None
 
-    async def _within(self, deadline: float, now: float, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _within(
+        self, deadline: float, now: float, scope: Scope, receive: Receive, send: Send, exchange: _Exchange
+    ) -> None:
         """Run the app until the caller's deadline; past it, answer 504 if nothing was sent yet.
 
         The app's own mesh calls inherit the deadline (``current_deadline``), so its
@@ -277,12 +437,14 @@ class MeshMiddleware:
             if started or scope["type"] != "http" or deadline - self._clock() > _DEADLINE_SLACK:
                 raise  # the app's own, shorter timeout: its error to answer
             log.info("meshlib: %s %s: the app's calls ran out of the caller's deadline", scope["method"], scope["path"])
+            exchange.flag = "UT"
             await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
         except TimeoutError:
             if not timeout.expired():
                 raise  # the app's own TimeoutError, not the caller's deadline: no 504 for it
             log.info("meshlib: %s %s stopped at the caller's deadline", scope.get("method"), scope.get("path"))
             if not started and scope["type"] == "http":
+                exchange.flag = "UT"
                 await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
 
 

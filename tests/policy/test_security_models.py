@@ -304,7 +304,7 @@ def test_mesh_config_defaults() -> None:
     assert spec.deadline_propagation.header == "x-meshlib-deadline"
     assert spec.tracing.sampling == 1.0
     assert spec.tracing.propagators == ["tracecontext"]
-    assert (spec.access_log.enabled, spec.access_log.format) == (True, "JSON")
+    assert (spec.access_log.active, spec.access_log.format) == (False, "JSON")  # off unless asked, as in Istio
     assert (spec.certificates.ttl, spec.certificates.grace_ratio) == (86400.0, 0.5)
 
 
