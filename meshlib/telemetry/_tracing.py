@@ -17,8 +17,10 @@ OpenTelemetry pipeline) is used as it is: its sampler and its processors decide;
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -138,6 +140,43 @@ def _propagator_for(names: Sequence[str]) -> TextMapPropagator:
     return parts[0] if len(parts) == 1 else CompositePropagator(parts)
 
 
+class _UnsampledFastPath(trace.Tracer):
+    """The SDK's tracer, minus its cost for spans whose parent was not sampled.
+
+    Most requests are not sampled (Istio's default keeps 1%), yet the SDK builds a
+    full span for each to find that out. A child of an unsampled parent can only be
+    unsampled (``ParentBased``), so it gets a bare non-recording span carrying the
+    parent's trace id and a fresh span id: the next hop still sees the decision in
+    ``traceparent``. Root spans still go through the sampler.
+    """
+
+    def __init__(self, delegate: trace.Tracer, percent: float) -> None:
+        self._delegate = delegate
+        self.percent = percent
+        """Sampling of new traces: at 0 a root span needs no sampler either."""
+
+    def start_span(self, name: str, context: Context | None = None, *args: Any, **kwargs: Any) -> trace.Span:
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid:
+            if not parent.trace_flags.sampled:
+                return trace.NonRecordingSpan(
+                    trace.SpanContext(
+                        parent.trace_id, _random_span_id(), False, trace.TraceFlags(0), parent.trace_state
+                    )
+                )
+        elif self.percent == 0.0:
+            trace_id = random.getrandbits(128) or 1
+            return trace.NonRecordingSpan(trace.SpanContext(trace_id, _random_span_id(), False, trace.TraceFlags(0)))
+        return self._delegate.start_span(name, context, *args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._delegate.start_as_current_span(*args, **kwargs)
+
+
+def _random_span_id() -> int:
+    return random.getrandbits(64) or 1
+
+
 class Tracing:
     """One mesh's tracer and propagators; spans are made by the adapters through ``tracer``."""
 
@@ -161,7 +200,8 @@ class Tracing:
             self._owned = False
         self.provider = tracer_provider
         """The provider spans go to (meshlib's own unless one was passed)."""
-        self.tracer: trace.Tracer = tracer_provider.get_tracer(_SCOPE)
+        tracer = tracer_provider.get_tracer(_SCOPE)
+        self.tracer: trace.Tracer = _UnsampledFastPath(tracer, settings.sampling) if self._owned else tracer
         self._export = _Switch()
         if isinstance(tracer_provider, TracerProvider):
             tracer_provider.add_span_processor(self._export)
@@ -186,6 +226,8 @@ class Tracing:
             return
         if self._sampler is not None and settings.sampling != self.settings.sampling:
             self._sampler.set_percent(settings.sampling)
+            if isinstance(self.tracer, _UnsampledFastPath):
+                self.tracer.percent = settings.sampling
         if settings.otlp_endpoint != self.settings.otlp_endpoint:
             self._export.replace(_exporter_for(settings.otlp_endpoint) if settings.otlp_endpoint else None)
         if settings.propagators != self.settings.propagators:
