@@ -70,6 +70,8 @@ authz_log = logging.getLogger("meshlib.authz")
 log = logging.getLogger("meshlib.server")
 
 _DENIED = b"RBAC: access denied"
+_MAX_SPOOFERS_REMEMBERED = 4096
+"""Addresses whose forged x-forwarded-client-cert was already logged (beyond this, debug only)."""
 _XFCC_NAME = XFCC.decode("latin-1")
 _DEADLINE_SLACK = 0.05
 """Seconds before the caller's deadline within which an app's DeadlineExceededError counts as that deadline.
@@ -119,6 +121,7 @@ class MeshMiddleware:
         self.custom = custom
         self.request_principal = request_principal
         self._clock = clock
+        self._spoofers: set[str] = set()
         workload = mesh.workload
         identity = mesh.identity
         self._destination = (
@@ -387,7 +390,16 @@ class MeshMiddleware:
             if source_ip in self.trusted_sidecars:
                 spiffe: SpiffeId | None = peer_from_xfcc(headers["x-forwarded-client-cert"])
                 return PeerInfo(spiffe, spiffe is not None)
-            log.warning("meshlib: ignored x-forwarded-client-cert from %s, which is not a trusted sidecar", source_ip)
+            # Once per address: a caller sending the header on every request must not flood the log.
+            if source_ip not in self._spoofers and len(self._spoofers) < _MAX_SPOOFERS_REMEMBERED:
+                self._spoofers.add(source_ip)
+                log.warning(
+                    "meshlib: ignored x-forwarded-client-cert from %s, which is not a trusted sidecar "
+                    "(logged once per address)",
+                    source_ip,
+                )
+            else:
+                log.debug("meshlib: ignored x-forwarded-client-cert from %s", source_ip)
             _drop_header(scope, XFCC)
             headers.pop("x-forwarded-client-cert", None)
         return tls_peer if isinstance(tls_peer, PeerInfo) else PeerInfo(None, False)

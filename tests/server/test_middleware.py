@@ -611,6 +611,15 @@ async def test_a_spoofed_xfcc_is_removed_ignored_and_logged(caplog: pytest.LogCa
     assert "x-forwarded-client-cert" in [name for name, _ in honoured.json()["headers"]]
 
 
+async def test_a_flood_of_spoofed_xfcc_logs_one_warning_per_address(caplog: pytest.LogCaptureFixture) -> None:
+    mw = MeshMiddleware(EchoApp(), mesh=mesh_of(), trusted_sidecars=[SIDECAR])
+    with caplog.at_level(logging.WARNING, logger="meshlib.server"):
+        for _ in range(20):
+            await call(mw, "/", principal=P, client=STRANGER)
+    warnings = [r for r in caplog.records if "x-forwarded-client-cert" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 @pytest.mark.parametrize(
     ("value", "status"),
     [
