@@ -133,9 +133,15 @@ class RetriesExhaustedError(RequestPathError):
 
 
 class DeadlineExceededError(RequestPathError):
-    """The request's total deadline (route timeout, or the caller's) ran out."""
+    """The request's total deadline (route timeout, or the caller's) ran out.
+
+    ``from_caller`` is True when the deadline that ran out was the one the service's
+    own caller sent (propagated by ``MeshMiddleware``), not a shorter route timeout:
+    the middleware then answers its caller 504 rather than let the app fail with 500.
+    """
 
     response_flag = "UT"
+    from_caller: bool = False
 
 
 class UnknownHostError(RequestPathError):

@@ -150,9 +150,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         telemetry = self._mesh.telemetry
         replayable = await self._buffer(request)
         view = request_view(request)
+        caller = current_deadline.get()
         try:
-            plan = outbound.plan(view, started, replayable=replayable, caller_deadline=current_deadline.get())
+            plan = outbound.plan(view, started, replayable=replayable, caller_deadline=caller)
         except RequestPathError as exc:
+            if isinstance(exc, DeadlineExceededError) and caller is not None:
+                exc.from_caller = True  # it had passed before the plan: only the caller's can have
             refused(telemetry, self._source, view, exc, started, self._clock())
             raise attach_request(exc, request) from None
         if isinstance(plan, Passthrough):
@@ -187,6 +190,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return response
         except BaseException as exc:
             error = exc
+            if isinstance(exc, DeadlineExceededError) and caller is not None and call.deadline is not None:
+                exc.from_caller = call.deadline >= caller  # the caller's deadline, not a shorter route timeout
             raise
         finally:
             request.url = original

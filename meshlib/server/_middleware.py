@@ -73,11 +73,6 @@ _DENIED = b"RBAC: access denied"
 _MAX_SPOOFERS_REMEMBERED = 4096
 """Addresses whose forged x-forwarded-client-cert was already logged (beyond this, debug only)."""
 _XFCC_NAME = XFCC.decode("latin-1")
-_DEADLINE_SLACK = 0.05
-"""Seconds before the caller's deadline within which an app's DeadlineExceededError counts as that deadline.
-
-Two timers on one deadline (this one, and the app's mesh client's) fire in either
-order: loop clocks are coarse (uvloop's is cached per iteration, in milliseconds)."""
 _PLAINTEXT = b"meshlib: this port requires mutual TLS (PeerAuthentication STRICT)"
 
 
@@ -445,8 +440,8 @@ class MeshMiddleware:
         try:
             async with timeout:
                 await self.app(scope, receive, tracking)
-        except DeadlineExceededError:
-            if started or scope["type"] != "http" or deadline - self._clock() > _DEADLINE_SLACK:
+        except DeadlineExceededError as exc:
+            if started or scope["type"] != "http" or not exc.from_caller:
                 raise  # the app's own, shorter timeout: its error to answer
             log.info("meshlib: %s %s: the app's calls ran out of the caller's deadline", scope["method"], scope["path"])
             exchange.flag = "UT"

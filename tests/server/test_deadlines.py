@@ -126,12 +126,14 @@ async def test_the_apps_own_calls_running_out_of_the_deadline_is_504_not_500() -
         deadline = current_deadline.get()
         assert deadline is not None
         await asyncio.sleep(max(0.0, deadline - time.monotonic() - 0.02))
-        raise meshlib.DeadlineExceededError("outbound|80||b: deadline after 1 attempt(s)")
+        error = meshlib.DeadlineExceededError("outbound|80||b: deadline after 1 attempt(s)")
+        error.from_caller = True  # what the mesh client sets when the caller's deadline is the one that ran out
+        raise error
 
     response = await get(MeshMiddleware(calls_out, mesh=mesh_of()), {HEADER: "150"})
     assert response.status_code == 504
 
-    # Long before the caller's deadline, it was the app's own shorter timeout: the app's error, not a 504.
+    # The app's own shorter timeout (from_caller False): the app's error, not a 504.
     async def own_timeout(scope: dict[str, Any], receive: Any, send: Any) -> None:
         raise meshlib.DeadlineExceededError("outbound|80||b: deadline after 1 attempt(s)")
 
@@ -246,3 +248,15 @@ async def test_a_chain_under_a_mesh_route_timeout() -> None:
     assert outcome in (504, "deadline exceeded")
     assert elapsed < 1.5
     assert c.outcomes == ["cancelled"]
+
+
+async def test_the_mesh_client_marks_a_deadline_that_was_the_callers() -> None:
+    mesh = meshlib.Mesh.from_resources([service_entry("b", ("127.0.0.1:9", "v1"))], workload="a")
+    token = current_deadline.set(time.monotonic() - 0.001)  # the caller's deadline has passed
+    try:
+        async with mesh.async_client() as client:
+            with pytest.raises(meshlib.DeadlineExceededError) as info:
+                await client.get("http://b/")
+    finally:
+        current_deadline.reset(token)
+    assert info.value.from_caller
