@@ -44,6 +44,7 @@ from ..engine import (
     normalize_path,
 )
 from ..policy import SpiffeId
+from ..policy._hosts import split_host_port
 from ..telemetry import RequestRecord, format_trace_id
 from ._peer import PeerInfo
 from ._xfcc import HEADER as XFCC
@@ -295,7 +296,7 @@ class MeshMiddleware:
             source_ip=source_ip,
             remote_ip=source_ip,
             request_principal=request_principal,
-            host=_strip_port(host),
+            host=split_host_port(host)[0],
             port=port,
             method=method,
             path=path,
@@ -453,12 +454,6 @@ class MeshMiddleware:
             if not started and scope["type"] == "http":
                 exchange.flag = "UT"
                 await _reply(scope, receive, send, 504, b"meshlib: the caller's deadline has passed")
-
-
-def _strip_port(host: str) -> str:
-    if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _drop_header(scope: Scope, name: bytes) -> None:
