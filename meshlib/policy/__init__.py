@@ -18,7 +18,7 @@ from ._kinds import (
     ServiceEntry,
     VirtualService,
 )
-from ._load import Loaded, Origin, parse_documents, read_documents
+from ._load import Loaded, Origin, parse_documents, read_documents, read_text
 from ._resource import ObjectMeta, Resource
 from ._snapshot import Endpoint, MtlsPolicy, Service, ServicePort, Snapshot, SubsetView
 from ._validate import validate_paths
@@ -58,6 +58,7 @@ __all__ = [
     "parse_documents",
     "parse_duration",
     "read_documents",
+    "read_text",
     "split_host_port",
     "unenforced_fields",
     "validate_paths",

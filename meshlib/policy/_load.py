@@ -23,7 +23,7 @@ from ._kinds import IGNORED_KINDS, KINDS
 from ._resource import Resource
 from ._values import yaml_type
 
-__all__ = ["Loaded", "Origin", "expand_paths", "parse_documents", "read_documents"]
+__all__ = ["Loaded", "Origin", "expand_paths", "parse_documents", "read_documents", "read_text"]
 
 _SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -166,13 +166,22 @@ def read_documents(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[tuple[
         except (OSError, UnicodeDecodeError) as exc:
             issues.append(Issue(f"cannot read file: {exc}", name))
             continue
-        index = 0
-        try:
-            for index, doc in enumerate(yaml.load_all(text, Loader=_StrictLoader)):
-                docs.append((doc, Origin(name, index)))
-        except yaml.YAMLError as exc:
-            issues.append(Issue(f"YAML does not parse: {_yaml_message(exc)}", name, index))
+        more, problems = read_text(text, name)
+        docs.extend(more)
+        issues.extend(problems)
     return docs, issues
+
+
+def read_text(text: str, name: str) -> tuple[list[tuple[Any, Origin]], list[Issue]]:
+    """Parse every YAML (or JSON) document of one text, as a file's would be; ``name`` says where it came from."""
+    docs: list[tuple[Any, Origin]] = []
+    index = 0
+    try:
+        for index, doc in enumerate(yaml.load_all(text, Loader=_StrictLoader)):
+            docs.append((doc, Origin(name, index)))
+    except yaml.YAMLError as exc:
+        return docs, [Issue(f"YAML does not parse: {_yaml_message(exc)}", name, index)]
+    return docs, []
 
 
 def _yaml_message(exc: yaml.YAMLError) -> str:

@@ -81,3 +81,22 @@ class Resource(MeshModel):
     def ref(self) -> str:
         """``kind/namespace/name``: how every message names this resource."""
         return f"{self.kind}/{self.metadata.namespace}/{self.metadata.name}"
+
+    def to_document(self) -> dict[str, Any]:
+        """The resource as a plain document (JSON-able, YAML field names): what a store or a push carries.
+
+        Kubernetes bookkeeping and ``status`` are left out; parsing the document gives back an
+        equal resource.
+        """
+        meta = self.metadata
+        metadata: dict[str, Any] = {"name": meta.name, "namespace": meta.namespace}
+        if meta.labels:
+            metadata["labels"] = dict(meta.labels)
+        if meta.annotations:
+            metadata["annotations"] = dict(meta.annotations)
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "metadata": metadata,
+            "spec": self.spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
+        }

@@ -104,21 +104,6 @@ class MtlsPolicy:
         return self.ports.get(port, self.mode) if port is not None else self.mode
 
 
-def _canonical_json(resource: Resource) -> dict[str, Any]:
-    meta = resource.metadata
-    return {
-        "apiVersion": resource.api_version,
-        "kind": resource.kind,
-        "metadata": {
-            "name": meta.name,
-            "namespace": meta.namespace,
-            "labels": meta.labels,
-            "annotations": meta.annotations,
-        },
-        "spec": resource.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-    }
-
-
 class Snapshot:
     """One immutable, checked configuration with a content-hash ``version``.
 
@@ -133,7 +118,7 @@ class Snapshot:
         self._by_ref: Mapping[str, Resource] = MappingProxyType({r.ref: r for r in self._resources})
         self.warnings: tuple[Issue, ...] = tuple(warnings)
         digest = hashlib.sha256(
-            json.dumps([_canonical_json(r) for r in self._resources], sort_keys=True, separators=(",", ":")).encode()
+            json.dumps([r.to_document() for r in self._resources], sort_keys=True, separators=(",", ":")).encode()
         )
         self.version: str = digest.hexdigest()[:16]
         configs = [r for r in self._resources if isinstance(r, MeshConfig)]
@@ -242,6 +227,37 @@ class Snapshot:
             return True
         # A selector in the root namespace selects across the mesh, as in Istio.
         return bool(selector.matches(workload.all_labels))
+
+    def scoped_to(self, workload: Workload) -> tuple[Resource, ...]:
+        """What one workload's data plane needs: every host (visibility is mesh-wide), its own inbound policies.
+
+        The control plane pushes this much and no more, so a workload never learns the
+        authorization or rate-limit rules of another; a Snapshot built from it makes the same
+        decisions for this workload as the whole configuration does.
+        """
+        peer_auth = set(self._peer_authentications(workload))
+        keep: list[Resource] = []
+        for r in self._resources:
+            if isinstance(r, PeerAuthentication):
+                if r.ref in peer_auth:
+                    keep.append(r)
+            elif isinstance(r, AuthorizationPolicy | RateLimitPolicy):
+                if self._applies(r, r.spec.selector, workload):
+                    keep.append(r)
+            else:
+                keep.append(r)
+        return tuple(keep)
+
+    def _peer_authentications(self, workload: Workload) -> list[str]:
+        root = self.mesh_config.root_namespace
+        refs = []
+        for r in self.of_kind(PeerAuthentication):
+            if r.spec.selector is None:
+                if r.namespace in (root, workload.namespace):
+                    refs.append(r.ref)
+            elif r.namespace == workload.namespace and r.spec.selector.matches(workload.all_labels):
+                refs.append(r.ref)
+        return refs
 
     def authorization_policies(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
         """The AuthorizationPolicies that apply to a workload, in name order."""
