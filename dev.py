@@ -45,6 +45,7 @@ APT_PACKAGES: dict[str, str] = {
     "openssl": "openssl",  # certificate interop tests
     "curl": "curl",  # mTLS interop tests
     "wrk": "wrk",  # middleware overhead benchmark
+    "etcd": "etcd-server",  # control-plane HA store (tests start a 3-member cluster on loopback)
 }
 
 USAGE = "usage:\n" + (__doc__ or "").split("\n\n")[2]

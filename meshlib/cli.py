@@ -49,6 +49,88 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(config=args.config)
 
 
+def _cmd_control_plane(args: argparse.Namespace) -> int:
+    import logging
+
+    from .control._run import ControlPlaneOptions, default_state_dir, main
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(
+        ControlPlaneOptions(
+            config=args.config,
+            listen=args.listen,
+            store=args.store,
+            state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+            ca=Path(args.ca) if args.ca else None,
+            trust_domain=args.trust_domain,
+            admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            registry_ttl=args.registry_ttl,
+            keepalive=args.keepalive,
+        )
+    )
+
+
+def _admin_client(args: argparse.Namespace) -> object:
+    import httpx
+
+    token = args.admin_token
+    if token is None and args.admin_token_file:
+        token = Path(args.admin_token_file).read_text().strip()
+    if not token:
+        raise SystemExit("meshlib: give --admin-token or --admin-token-file (the control plane wrote one at start)")
+    verify: bool | str = args.cacert or True
+    return httpx.Client(
+        base_url=args.control_plane, headers={"authorization": f"Bearer {token}"}, timeout=30, verify=verify
+    )
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    import httpx
+
+    from .policy._load import expand_paths
+
+    files, issues = expand_paths(args.paths)
+    if issues:
+        for issue in issues:
+            print(f"meshlib apply: {issue}", file=sys.stderr)
+        return 1
+    body = "\n---\n".join(f.read_text(encoding="utf-8") for f in files)
+    client = _admin_client(args)
+    assert isinstance(client, httpx.Client)
+    with client:
+        try:
+            r = client.post("/v1/resources", content=body, headers={"content-type": "application/yaml"})
+        except httpx.HTTPError as exc:
+            print(f"meshlib apply: cannot reach {args.control_plane}: {exc}", file=sys.stderr)
+            return 1
+    data = r.json()
+    if r.status_code != 200:
+        print(f"meshlib apply: refused, nothing changed: {data.get('error')}", file=sys.stderr)
+        return 1
+    print(f"version {data['version']}" + ("" if data.get("changed") else " (unchanged)"))
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    import httpx
+
+    client = _admin_client(args)
+    assert isinstance(client, httpx.Client)
+    with client:
+        try:
+            r = client.post("/v1/tokens", json={"namespace": args.namespace, "service_account": args.service_account})
+        except httpx.HTTPError as exc:
+            print(f"meshlib token: cannot reach {args.control_plane}: {exc}", file=sys.stderr)
+            return 1
+    if r.status_code != 201:
+        print(f"meshlib token: {r.json().get('error')}", file=sys.stderr)
+        return 1
+    print(r.json()["token"])
+    return 0
+
+
 def _cmd_ca_init(args: argparse.Namespace) -> int:
     from ._exceptions import CertificateError
     from .policy import parse_duration
@@ -115,6 +197,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="PATH", default=None, help="a mesh configuration to show instead of the demo shop"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    cp = sub.add_parser(
+        "control-plane",
+        help="serve the mesh's policy, registry and CA to data planes",
+        description="Hold the mesh's configuration (files given with --config are applied at start), push it to "
+        "every data plane, keep the service registry and sign workload certificates.",
+    )
+    cp.add_argument("--config", nargs="*", default=[], metavar="PATH", help="YAML files or folders applied at start")
+    cp.add_argument("--listen", default="127.0.0.1:15010", metavar="HOST:PORT", help="default %(default)s")
+    cp.add_argument(
+        "--store", metavar="URL", help="etcd://host:port,host:port for replicas sharing a mesh (default: --state-dir)"
+    )
+    cp.add_argument(
+        "--state-dir", metavar="DIR", help="the embedded store, CA and admin token (default ~/.local/state)"
+    )
+    cp.add_argument("--ca", metavar="DIR", help="a CA folder (meshlib ca init); default: one made in the state")
+    cp.add_argument("--trust-domain", default="cluster.local", help="default %(default)s")
+    cp.add_argument("--admin-token-file", metavar="FILE", help="default STATE_DIR/admin-token (made 0600)")
+    cp.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate...")
+    cp.add_argument("--tls-key", metavar="PEM", help="...and this key")
+    cp.add_argument("--registry-ttl", type=float, default=10.0, metavar="SECONDS", help="default %(default)s")
+    cp.add_argument("--keepalive", type=float, default=10.0, metavar="SECONDS", help="default %(default)s")
+    cp.set_defaults(func=_cmd_control_plane)
+
+    def admin_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--control-plane", default="http://127.0.0.1:15010", metavar="URL", help="default %(default)s")
+        p.add_argument("--admin-token", metavar="TOKEN")
+        p.add_argument("--admin-token-file", metavar="FILE")
+        p.add_argument("--cacert", metavar="PEM", help="verify an HTTPS control plane with this CA bundle")
+
+    apply = sub.add_parser("apply", help="apply YAML to a running control plane (all or nothing)")
+    apply.add_argument("paths", nargs="+", metavar="PATH")
+    admin_options(apply)
+    apply.set_defaults(func=_cmd_apply)
+
+    token = sub.add_parser("token", help="make a bootstrap token for one workload identity")
+    token.add_argument("--namespace", default="default")
+    token.add_argument("--service-account", required=True)
+    admin_options(token)
+    token.set_defaults(func=_cmd_token)
 
     ca = sub.add_parser("ca", help="the mesh's certificate authority (Istio's plug-in CA files)")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
