@@ -5,6 +5,15 @@ Every error meshlib raises is a ``MeshError``. Configuration errors are also
 also ``httpx.TransportError`` so that ``except httpx.HTTPError`` keeps working in
 code that knew nothing of the mesh.
 
+    MeshError
+    ├── PolicyError (ValueError)                 a configuration meshlib refuses
+    ├── RequestPathError (httpx.TransportError)  CircuitOpenError, RateLimitedError, NoHealthyUpstreamError,
+    │                                            RetriesExhaustedError, DeadlineExceededError, UnknownHostError,
+    │                                            NoWorkloadCertificateError (also a SecurityError)
+    ├── SecurityError                            CertificateError, CertificateRequestError (both ValueError)
+    └── ControlPlaneError                        talking to the control plane: ControlPlaneUnavailableError,
+                                                 ControlPlaneAuthError
+
 The module sits outside the layers on purpose: every layer raises these, so they
 live below all of them (as httpx keeps its own tree in ``_exceptions.py``).
 """
@@ -20,6 +29,9 @@ __all__ = [
     "CertificateError",
     "CertificateRequestError",
     "CircuitOpenError",
+    "ControlPlaneAuthError",
+    "ControlPlaneError",
+    "ControlPlaneUnavailableError",
     "DeadlineExceededError",
     "Issue",
     "MeshError",
@@ -169,3 +181,23 @@ class NoWorkloadCertificateError(RequestPathError, SecurityError):
     """The destination asks for the mesh's mTLS (ISTIO_MUTUAL) and this workload has no certificate."""
 
     response_flag = "UF"
+
+
+class ControlPlaneError(MeshError):
+    """The data plane could not get what it needs from the control plane."""
+
+
+class ControlPlaneUnavailableError(ControlPlaneError):
+    """``Mesh.connect`` reached no control plane in time and had no cached configuration to start from.
+
+    The message names the control plane, why the last attempt failed, and where the
+    cache was looked for.
+    """
+
+
+class ControlPlaneAuthError(ControlPlaneError):
+    """The control plane refused the token (401: unknown, 403: bound to another identity).
+
+    Raised at once, never answered from the cache: a bad token does not heal by
+    waiting, and serving stale configuration would hide the mistake.
+    """

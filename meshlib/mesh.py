@@ -9,11 +9,13 @@ for every destination whose policy did not change.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
+import ssl
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from opentelemetry.trace import TracerProvider
@@ -24,6 +26,9 @@ from .policy import Resource, Snapshot, SpiffeId, Workload
 from .security import CertificateAuthority, LocalIssuer, TlsContexts, WorkloadCertificates
 from .telemetry import EngineState, Telemetry, metrics_app
 from .telemetry._endpoint import ASGIApp
+
+if TYPE_CHECKING:  # the control layer sits above this one: imported lazily, in connect()
+    from .control import Agent
 
 CaSource = CertificateAuthority | str | os.PathLike[str]
 
@@ -64,8 +69,23 @@ class Mesh:
             tracer_provider=tracer_provider,
         )
         """Metrics, access log and tracing, configured by the snapshot's MeshConfig."""
+        self.agent: Agent | None = None
+        """The connection to the control plane (``Mesh.connect``); None for a static mesh.
+
+        ``mesh.agent.version`` is the control plane's version in force (an int),
+        ``mesh.agent.stale`` whether the control plane has confirmed it lately.
+        """
         if certificates is not None:
             certificates.start()
+
+    def _adopt_certificates(self, certificates: WorkloadCertificates) -> None:
+        """Take a certificate that arrived after the mesh started (a stale boot without one, then the CA came back).
+
+        Adapters read ``certificates`` per connection, so the next one uses it.
+        """
+        self.certificates = certificates
+        self.tls.certificates = certificates
+        certificates.start()
 
     def _certificates_from(self, ca: CaSource, snapshot: Snapshot) -> WorkloadCertificates:
         """Static mode: a CA on this machine issues and renews the workload's certificate."""
@@ -96,10 +116,17 @@ class Mesh:
         return self.certificates.identity if self.certificates is not None else None
 
     def close(self) -> None:
-        """Stop renewing the certificate, close the access log, flush spans (clients and servers close on their own)."""
+        """Disconnect from the control plane (deregistering, bounded wait), stop renewing the certificate,
+        close the access log, flush spans (clients and servers close on their own)."""
+        if self.agent is not None:
+            self.agent.close()
         if self.certificates is not None:
             self.certificates.stop()
         self.telemetry.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the caller's event loop (it may wait on the control plane)."""
+        await asyncio.to_thread(self.close)
 
     def _engine_state(self) -> EngineState:
         """What the metrics collector reads at scrape time (never on the request path)."""
@@ -149,6 +176,66 @@ class Mesh:
     ) -> Mesh:
         """A static mesh from parsed documents (dicts as YAML gives them) or resource models."""
         return cls(Snapshot.from_resources(documents), workload, seed=seed, ca=ca, tracer_provider=tracer_provider)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        workload: Workload | str,
+        token: str,
+        cache_dir: str | os.PathLike[str] | None = None,
+        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
+        timeout: float = 10.0,
+        seed: int | None = None,
+        tracer_provider: TracerProvider | None = None,
+        keepalive: float = 10.0,
+    ) -> Mesh:
+        """A live mesh: configuration pushed by the control plane at ``url``, certificate from its CA.
+
+        Waits (without blocking this loop) up to ``timeout`` s for the first snapshot.
+        The connection lives in a thread of its own (``mesh.agent``), so the mesh
+        outlives this loop: ``asyncio.run(Mesh.connect(...))`` then serving in another
+        loop works. If the control plane is unreachable (or silent for ``timeout``), the
+        mesh starts from the configuration cached by the last run (logged as stale, with
+        its age) and keeps reconnecting; with no cache it raises
+        ``ControlPlaneUnavailableError``. A refused token raises ``ControlPlaneAuthError``
+        at once. ``mesh.agent.version`` is then the control plane's version in force.
+
+        ``cache_dir`` defaults to ``$MESHLIB_CACHE_DIR/<ns>.<name>`` or
+        ``~/.cache/meshlib/<ns>.<name>``; ``verify`` checks an HTTPS control plane (a CA
+        bundle path, an SSLContext, or a bool); ``keepalive`` is the control plane's
+        keepalive period (a stream silent for three of them is reconnected).
+        """
+        from .control import Agent
+
+        who = Workload.coerce(workload)
+
+        def build(snapshot: Snapshot, certificates: WorkloadCertificates | None) -> Mesh:
+            return cls(snapshot, who, seed=seed, certificates=certificates, tracer_provider=tracer_provider)
+
+        agent = Agent(url, workload=who, token=token, cache_dir=cache_dir, verify=verify, keepalive=keepalive)
+        future = agent.start(build)
+        waiting = asyncio.wrap_future(future)
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=timeout)
+        except BaseException:  # the caller was cancelled: leave nothing running
+            await asyncio.to_thread(agent.close)
+            raise
+        if not done:  # neither a configuration nor a refusal in time: the cache, if there is one
+            await asyncio.to_thread(
+                agent.fall_back_to_cache, f"control plane {url} sent no configuration in {timeout:g} s"
+            )
+            if not future.done():
+                await asyncio.to_thread(agent.close)
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    future.result().close()  # it arrived as we gave up
+                raise agent.unavailable_error()
+        try:
+            return future.result()  # the thread's future: done even when the timeout raced it
+        except BaseException:
+            await asyncio.to_thread(agent.close)
+            raise
 
     # -- the configuration in force ----------------------------------------------
 

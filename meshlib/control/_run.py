@@ -153,6 +153,7 @@ async def run_control_plane(options: ControlPlaneOptions) -> int:
             f"admin token in {options.admin_token_file or options.state_dir / 'admin-token'}",
             flush=True,
         )
+
         def shut_down() -> None:
             plane.drain()  # streams end first, or uvicorn would wait for them
             server.should_exit = True

@@ -21,7 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from .._exceptions import CertificateError
 from ..policy import SpiffeId
 from ._ca import DEFAULT_WORKLOAD_TTL, CertificateAuthority, IssuedCertificate, make_csr, new_private_key
+from ._pem import certificates_pem, load_certificates, load_signing_key, read_file, read_private_file
 from ._tls import PeerCheck, client_context, server_context
 
 __all__ = [
@@ -101,7 +103,11 @@ class WorkloadCertificates:
         files: str | os.PathLike[str] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        initial: tuple[PrivateKeyTypes, IssuedCertificate] | None = None,
     ) -> None:
+        """``initial``: a key and certificate to start with instead of asking the issuer now
+        (checked like an issued one; :meth:`from_files` reads them from a previous run).
+        """
         self.identity = identity
         self.trust_domains = frozenset(trust_domains) | {identity.trust_domain}
         self._issuer = issuer
@@ -115,7 +121,39 @@ class WorkloadCertificates:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
-        self._state = self._obtain(1)
+        self._state = self._obtain(1) if initial is None else self._adopt(*initial)
+
+    @classmethod
+    def from_files(
+        cls,
+        identity: SpiffeId,
+        issuer: Issuer,
+        files: str | os.PathLike[str],
+        **options: Any,
+    ) -> WorkloadCertificates:
+        """Start from the key and certificate an earlier run left in ``files``, without asking the issuer.
+
+        For a workload that restarts while its issuer (the control plane) is down: a
+        certificate that is still valid lets it keep its identity. Renewal then goes
+        on as usual, at once if the certificate is past its renewal time. Raises
+        ``CertificateError`` when the files are missing, unreadable, for another
+        identity or key, or expired; ``options`` are the constructor's.
+        """
+        folder = Path(files)
+        key = load_signing_key(read_private_file(folder / "key.pem"), str(folder / "key.pem"))
+        chain = load_certificates(read_file(folder / "cert-chain.pem"), str(folder / "cert-chain.pem"))
+        roots = read_file(folder / "root-cert.pem")
+        load_certificates(roots, str(folder / "root-cert.pem"))
+        leaf = chain[0]
+        issued = IssuedCertificate(
+            chain_pem=certificates_pem(*chain),
+            bundle_pem=roots,
+            identity=identity,
+            not_before=leaf.not_valid_before_utc.timestamp(),
+            not_after=leaf.not_valid_after_utc.timestamp(),
+            serial=leaf.serial_number,
+        )
+        return cls(identity, issuer, files=folder, initial=(key, issued), **options)
 
     # -- what adapters read --------------------------------------------------------
 
@@ -171,33 +209,43 @@ class WorkloadCertificates:
     def _obtain(self, generation: int) -> _State:
         key = new_private_key()
         issued = self._issuer.issue(make_csr(self.identity, key), self.identity, self._ttl)
-        self._check_issued(issued, key)
+        return self._state_for(key, issued, generation, "the issuer returned", write=True)
+
+    def _adopt(self, key: PrivateKeyTypes, issued: IssuedCertificate) -> _State:
+        """The first generation from a key and certificate we already hold (the files, if any, are already there)."""
+        source = f"{os.path.join(self._files, 'cert-chain.pem')} holds" if self._files else "initial= holds"
+        return self._state_for(key, issued, 1, source, write=False)
+
+    def _state_for(
+        self, key: PrivateKeyTypes, issued: IssuedCertificate, generation: int, source: str, *, write: bool
+    ) -> _State:
+        self._check_issued(issued, key, source)
         draw = self._rng.uniform(-self._jitter, self._jitter) if self._jitter else 0.0
         server = server_context(issued.chain_pem, key, issued.bundle_pem, self.trust_domains)
         state = _State(key, issued, generation, renewal_at(issued, self._grace, draw), server)
-        if self._files is not None:
+        if write and self._files is not None:
             write_files(self._files, key, issued)
         return state
 
-    def _check_issued(self, issued: IssuedCertificate, key: PrivateKeyTypes) -> None:
-        """Refuse what the issuer sent back unless it is a live certificate for our key and identity."""
+    def _check_issued(self, issued: IssuedCertificate, key: PrivateKeyTypes, source: str) -> None:
+        """Refuse what the issuer sent back (or the files hold) unless it is a live certificate for our key and id."""
         try:
             leaf = x509.load_pem_x509_certificate(issued.leaf_pem)
         except ValueError:
-            raise CertificateError("the issuer returned a certificate that cannot be parsed") from None
+            raise CertificateError(f"{source} a certificate that cannot be parsed") from None
         public = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
         if leaf.public_key().public_bytes(der, public) != key.public_key().public_bytes(der, public):
-            raise CertificateError("the issuer returned a certificate for another key")
+            raise CertificateError(f"{source} a certificate for another key")
         try:
             sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
         except x509.ExtensionNotFound:
             uris = []
         if uris != [str(self.identity)]:
-            raise CertificateError(f"the issuer returned a certificate for {uris}, not {self.identity}")
+            raise CertificateError(f"{source} a certificate for {uris}, not {self.identity}")
         if issued.not_after <= self._clock():
-            raise CertificateError("the issuer returned a certificate that has already expired")
+            raise CertificateError(f"{source} a certificate that has already expired")
 
     def start(self) -> None:
         """Renew in a background thread from now on (idempotent)."""

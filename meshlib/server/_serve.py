@@ -7,18 +7,29 @@ but its own TLS ones still applies.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from .._exceptions import SecurityError
+from .._exceptions import MeshError, SecurityError
 from ..mesh import Mesh
 from ._peer import ASGIApp
 from ._protocol import HANDSHAKE_TIMEOUT, Inbound, MeshHttpProtocol
 
+if TYPE_CHECKING:  # the control layer sits above this one; the agent is reached through mesh.agent
+    from ..control import RegisteredEndpoint
+
 __all__ = ["MeshServer", "serve"]
+
+log = logging.getLogger("meshlib")
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+DEREGISTER_WAIT = 2.0
+"""How long shutdown waits for the control plane to drop this server from the registry."""
 
 _UVICORN_TLS = frozenset(
     {
@@ -56,6 +67,15 @@ class MeshServer(uvicorn.Server):
     port (useful with ``port=0``), and ``server.should_exit = True`` stops it.
     ``handshake_timeout`` bounds both the wait for a connection's first byte and
     its TLS handshake. ``http=`` picks uvicorn's HTTP implementation as usual.
+
+    With a connected mesh (``Mesh.connect``) the server registers itself with the
+    control plane once it listens (the bound port, so ``port=0`` works) and
+    deregisters when it shuts down, before it closes its connections, so callers
+    stop routing to it while its last requests finish. ``advertise`` is the address
+    to register (default: ``host``; for a wildcard bind, the address this machine
+    reaches the control plane from); ``service_host`` and ``service_port`` name the
+    service it serves (default ``NAME.NS.svc.cluster.local``, port 80);
+    ``register=False`` keeps it out of the registry.
     """
 
     def __init__(
@@ -66,6 +86,10 @@ class MeshServer(uvicorn.Server):
         host: str = "127.0.0.1",
         port: int = 8443,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        register: bool = True,
+        advertise: str | None = None,
+        service_host: str | None = None,
+        service_port: int = 80,
         **uvicorn_options: Any,
     ) -> None:
         tls = sorted(_UVICORN_TLS & uvicorn_options.keys())
@@ -80,6 +104,12 @@ class MeshServer(uvicorn.Server):
         inbound = Inbound(mesh, uvicorn_options.pop("http", "auto"), handshake_timeout)
         self.mesh = mesh
         self._inbound = inbound
+        self._register = register
+        self._advertise = advertise
+        self._service_host = service_host
+        self._service_port = service_port
+        self.registration: RegisteredEndpoint | None = None
+        """This server in the control plane's registry (None when not connected, or not yet listening)."""
         super().__init__(_MeshConfig(app, inbound, host=host, port=port, **uvicorn_options))
 
     @property
@@ -106,6 +136,30 @@ class MeshServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self.check()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        agent = self.mesh.agent
+        if self.started and agent is not None and self._register and not self.config.uds:
+            address = self._advertise or self.config.host
+            try:
+                if address in _WILDCARDS:
+                    address = agent.advertise_address()
+                self.registration = agent.register(
+                    address.strip("[]"), self.port, service_port=self._service_port, host=self._service_host
+                )
+            except (MeshError, OSError) as exc:  # serving matters more than being found: say so, carry on
+                log.warning("meshlib: not registering %s:%d with the control plane: %s", address, self.port, exc)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        registration, self.registration = self.registration, None
+        agent = self.mesh.agent
+        if registration is not None and agent is not None:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(agent.deregister(registration)), DEREGISTER_WAIT)
+            except Exception as exc:  # TimeoutError included: the registry's ttl drops it anyway
+                log.debug("meshlib: deregistering %s:%d did not finish (%r)", registration.address, self.port, exc)
+        await super().shutdown(sockets)
 
 
 def serve(app: ASGIApp, *, mesh: Mesh, host: str = "127.0.0.1", port: int = 8443, **uvicorn_options: Any) -> None:

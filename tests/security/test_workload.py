@@ -174,3 +174,61 @@ def test_peer_check_refuses_another_trust_domain_and_unexpected_ids(ca: Certific
         check.verify({"subjectAltName": (("DNS", "reviews"),)})
     with pytest.raises(PeerIdentityError, match="2 URI SANs"):
         check.verify({"subjectAltName": (("URI", "spiffe://a/ns/b/sa/c"), ("URI", "spiffe://a/ns/b/sa/d"))})
+
+
+def test_a_restart_starts_from_the_files_of_the_last_run_without_the_issuer(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """A workload restarting while the control plane is down keeps its identity from the cached files."""
+    folder = tmp_path / "certs"
+    first = WorkloadCertificates(ORDER, LocalIssuer(ca), ttl=3600, files=folder)
+    issuer = Flaky(ca)
+    issuer.down = True
+    again = WorkloadCertificates.from_files(ORDER, issuer, folder, ttl=3600, jitter=0.0)
+    assert issuer.calls == 0
+    assert again.issued.serial == first.issued.serial
+    assert again.issued.chain_pem == first.issued.chain_pem
+    assert again.renew_at == pytest.approx(first.issued.not_before + 0.5 * first.issued.ttl)
+    # Once the issuer is back, renewal replaces the files as usual.
+    issuer.down = False
+    again.renew()
+    assert again.generation == 2
+    assert (folder / "cert-chain.pem").read_bytes() == again.issued.chain_pem
+    assert stat.S_IMODE(os.stat(folder / "key.pem").st_mode) == 0o600
+
+
+def test_files_past_their_renewal_time_are_renewed_at_once(ca: CertificateAuthority, tmp_path: Path) -> None:
+    folder = tmp_path / "certs"
+    WorkloadCertificates(ORDER, LocalIssuer(ca), ttl=1.0, files=folder, jitter=0.0)
+    time.sleep(0.2)  # with the minute of backdating, half its life is long past
+    certs = WorkloadCertificates.from_files(ORDER, LocalIssuer(ca), folder, ttl=3600, jitter=0.0)
+    rotated = threading.Event()
+    certs.on_rotate(lambda c: rotated.set())
+    certs.start()
+    try:
+        assert rotated.wait(5)
+        assert certs.generation == 2
+    finally:
+        certs.stop()
+
+
+def test_unusable_files_are_refused_clearly(ca: CertificateAuthority, tmp_path: Path) -> None:
+    folder = tmp_path / "certs"
+    with pytest.raises(CertificateError, match="no such file"):
+        WorkloadCertificates.from_files(ORDER, LocalIssuer(ca), folder)
+    WorkloadCertificates(ORDER, LocalIssuer(ca), ttl=3600, files=folder)
+    with pytest.raises(CertificateError, match=r"cert-chain.pem holds a certificate for .*someone-else"):
+        WorkloadCertificates.from_files(SpiffeId.of("default", "someone-else"), LocalIssuer(ca), folder)
+    os.chmod(folder / "key.pem", 0o644)
+    with pytest.raises(CertificateError, match="too open"):
+        WorkloadCertificates.from_files(ORDER, LocalIssuer(ca), folder)
+    os.chmod(folder / "key.pem", 0o600)
+    later = time.time() + 7200  # two hours on, the one-hour certificate is over
+    with pytest.raises(CertificateError, match="already expired"):
+        WorkloadCertificates.from_files(ORDER, LocalIssuer(ca), folder, clock=lambda: later)
+    key_pem = (folder / "key.pem").read_bytes()
+    other = tmp_path / "other"
+    WorkloadCertificates(ORDER, LocalIssuer(ca), ttl=3600, files=other)
+    (other / "key.pem").write_bytes(key_pem)  # a key that does not match the chain (a half-written pair)
+    with pytest.raises(CertificateError, match="another key"):
+        WorkloadCertificates.from_files(ORDER, LocalIssuer(ca), other)
