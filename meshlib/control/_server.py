@@ -494,6 +494,7 @@ class ControlPlane:
             Route("/v1/dataplanes", self._h_dataplanes, methods=["GET"]),
             Route("/v1/registry", self._h_registry, methods=["GET"]),
             Route("/v1/tokens", self._h_tokens, methods=["POST"]),
+            Route("/v1/tokens/revoke", self._h_revoke, methods=["POST"]),
         ]
         return Starlette(routes=routes, lifespan=self._lifespan)
 
@@ -784,6 +785,24 @@ class ControlPlane:
         except ValueError as exc:
             return _error(400, str(exc))
         return JSONResponse({"token": token}, status_code=201)
+
+    async def _h_revoke(self, request: Request) -> Response:
+        """Revoke a token by presenting it (only its hash is stored, so the token itself names it)."""
+        principal = self._auth(request, admin=True)
+        if isinstance(principal, Response):
+            return principal
+        data = await self._json(request)
+        if isinstance(data, Response):
+            return data
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            return _error(400, "token: the token to revoke is required")
+        key = hash_token(token)
+        if not await self.store.delete(TOKENS_PREFIX + key):
+            return _error(404, "no such token")
+        self._tokens.pop(key, None)
+        log.info("%s revoked a token", principal)
+        return Response(status_code=204)
 
 
 def _label(item: str) -> tuple[str, str]:

@@ -128,6 +128,19 @@ def test_a_workload_token_speaks_only_for_its_identity(cp: RunningControlPlane) 
         assert r.status_code == 403
 
 
+def test_a_revoked_token_is_refused_everywhere(cp: RunningControlPlane) -> None:
+    token = cp.token("default", "order")
+    with admin(cp) as c:
+        assert c.post("/v1/tokens/revoke", json={"token": token}).status_code == 204
+        assert c.post("/v1/tokens/revoke", json={"token": token}).status_code == 404
+    key = new_private_key()
+    with httpx.Client(base_url=cp.url, headers={"authorization": f"Bearer {token}"}) as c:
+        csr = make_csr(SpiffeId.of("default", "order"), key).decode()
+        assert c.post("/v1/certificate", json={"csr": csr}).status_code == 401
+    with Subscriber(cp.url, token) as sub:
+        assert sub.status_code == 401
+
+
 def test_tokens_are_stored_hashed_only(cp: RunningControlPlane, tmp_path: Path) -> None:
     token = cp.token("default", "order")
     stored = b"".join(p.read_bytes() for p in (tmp_path / "control-plane").rglob("*") if p.is_file())
