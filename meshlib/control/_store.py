@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -204,6 +205,7 @@ class FileStore:
         self._watch_backlog = watch_backlog
         self._items: dict[str, _Item] = {}
         self._deadlines: dict[str, float] = {}
+        self._due: list[tuple[float, str]] = []  # a heap over _deadlines; entries a refresh replaced are skipped
         self._revision = 0
         self._read_revision = 0
         self._history: deque[_Record] = deque()
@@ -238,6 +240,7 @@ class FileStore:
             raise
         self._items = items
         self._deadlines = {}
+        self._due = []
         self._revision = self._read_revision = revision
         self._history = deque()
         self._history_start = revision + 1
@@ -373,7 +376,7 @@ class FileStore:
             if item.deadline is None:
                 self._deadlines.pop(record.key, None)
             else:
-                self._deadlines[record.key] = item.deadline
+                self._set_deadline(record.key, item.deadline)
         self._revision = record.revision
         self._history.append(record)
         while len(self._history) > self._history_size:
@@ -387,19 +390,32 @@ class FileStore:
             else:
                 watcher.queue.put_nowait(record)
 
+    def _set_deadline(self, key: str, deadline: float) -> None:
+        self._deadlines[key] = deadline
+        heapq.heappush(self._due, (deadline, key))
+
+    def _next_deadline(self) -> float | None:
+        """The earliest live deadline (dropping heap entries that a refresh or a delete made stale)."""
+        while self._due:
+            deadline, key = self._due[0]
+            if self._deadlines.get(key) == deadline:
+                return deadline
+            heapq.heappop(self._due)
+        return None
+
     async def _expire_locked(self, now: float) -> None:
-        due = sorted((d, k) for k, d in self._deadlines.items() if d <= now)
-        if not due:
-            return
-        await self._disk(self._write_revision, self._revision + len(due))  # one write for the batch
-        for _, key in due:
+        # TTL keys live in memory only (heartbeats bring them back after a restart), so expiring
+        # them writes nothing to disk: a thousand data planes' statuses cost no fsync.
+        while (deadline := self._next_deadline()) is not None and deadline <= now:
+            _, key = heapq.heappop(self._due)
             self._commit(_Record("delete", key, None, self._revision + 1), None)
 
     async def sweep(self) -> None:
         """Expire the TTL keys whose time has come (the background sweeper calls this too)."""
         lock, _ = self._ready()
         now = self._clock()
-        if not any(d <= now for d in self._deadlines.values()):
+        deadline = self._next_deadline()
+        if deadline is None or deadline > now:
             return
         async with lock:
             await self._expire_locked(self._clock())
@@ -409,8 +425,9 @@ class FileStore:
         while True:
             now = self._clock()
             delay = self._sweep_interval
-            if self._deadlines:
-                delay = max(0.0, min(delay, min(self._deadlines.values()) - now))
+            deadline = self._next_deadline()
+            if deadline is not None:
+                delay = max(0.0, min(delay, deadline - now))
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), delay)
@@ -430,15 +447,16 @@ class FileStore:
             await self._expire_locked(now)
             current = self._items.get(key)
             if ttl is not None and current is not None and current.deadline is not None and current.text == text:
-                current.deadline = self._deadlines[key] = now + ttl  # a heartbeat: no change, no event
-                wake.set()
+                current.deadline = now + ttl  # a heartbeat: no change, no event
+                self._set_deadline(key, current.deadline)
                 return current.revision
             revision = self._revision + 1
             if ttl is None:
                 await self._disk(self._write_key, key, text, revision)
-            else:
-                persisted = current is not None and current.deadline is None
-                await self._disk(self._write_revision, revision, key if persisted else None)
+            elif current is not None and current.deadline is None:  # a persisted key becomes a TTL key
+                await self._disk(self._write_revision, revision, key)
+            # else: a TTL key, memory only. Its revision is not persisted: after a restart a number may be
+            # used again, which no one can see (TTL keys and the watch history do not survive a restart).
             item = _Item(text, revision, None if ttl is None else now + ttl)
             self._commit(_Record("put", key, text, revision), item)
             if ttl is not None:
@@ -468,7 +486,8 @@ class FileStore:
             if current is None:
                 return False
             revision = self._revision + 1
-            await self._disk(self._write_revision, revision, key if current.deadline is None else None)
+            if current.deadline is None:
+                await self._disk(self._write_revision, revision, key)
             self._commit(_Record("delete", key, None, revision), None)
             return True
 
