@@ -139,6 +139,8 @@ async def run_control_plane(options: ControlPlaneOptions) -> int:
         lifespan="off",  # started and stopped here, around the config files' apply
         log_level="warning",
         timeout_graceful_shutdown=2,
+        # Data planes ACK over a kept-alive connection; pushes may be minutes apart.
+        timeout_keep_alive=max(75, int(4 * options.keepalive)),
         **tls,  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)

@@ -23,8 +23,9 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from .._exceptions import CertificateRequestError, Issue, PolicyError
 from ..policy import SpiffeId, Workload
@@ -39,7 +40,7 @@ from ._config import (
     replace_resources,
 )
 from ._registry import Registration, merge_registry
-from ._store import Event, Store, StoreError
+from ._store import Event, FileStore, Store, StoreError
 from ._tokens import TOKENS_PREFIX, Principal, hash_token, new_token, principal_from
 
 __all__ = ["ControlPlane", "DataPlaneStatus"]
@@ -95,11 +96,11 @@ class _View:
 
     version: int
     digest: str
-    resources_json: str
+    body: bytes  # the resources as a JSON array
 
 
 class _Subscriber:
-    __slots__ = ("key", "pending", "sent_digest", "sent_monotonic", "status", "wake", "workload")
+    __slots__ = ("gone", "key", "pending", "sent_digest", "sent_monotonic", "status", "wake", "workload")
 
     def __init__(self, status: DataPlaneStatus, workload: Workload) -> None:
         self.status = status
@@ -109,6 +110,7 @@ class _Subscriber:
         self.pending: _View | None = None
         self.sent_digest = ""
         self.sent_monotonic = 0.0
+        self.gone = False
 
 
 class ControlPlane:
@@ -413,7 +415,7 @@ class ControlPlane:
             docs = [r.to_document() for r in self._full.scoped_to(sub.workload)]
             text = json.dumps(docs, separators=(",", ":"), sort_keys=True)
             digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-            view = self._views[sub.key] = _View(self._config.version, digest, text)
+            view = self._views[sub.key] = _View(self._config.version, digest, text.encode())
         return view
 
     def _offer(self, sub: _Subscriber) -> None:
@@ -422,54 +424,83 @@ class ControlPlane:
             sub.pending = view
             sub.wake.set()
 
-    async def _stream(self, sub: _Subscriber) -> AsyncIterator[bytes]:
-        node = sub.status.node
-        try:
-            yield b": connected\n\n"
-            self._offer(sub)
-            while self._started and not self._draining:
+    async def _stream(self, sub: _Subscriber, send: Send) -> None:
+        """Push to one data plane until it goes, or this replica drains.
+
+        Each push is the view's shared body between a small per-push header and trailer,
+        and nothing of it is kept once sent: a thousand idle streams hold no copies.
+        """
+        await send(_body(b": connected\n\n"))
+        self._offer(sub)
+        while self._started and not self._draining and not sub.gone:
+            if not sub.wake.is_set():
                 try:
-                    await asyncio.wait_for(sub.wake.wait(), self.keepalive)
+                    async with asyncio.timeout(self.keepalive):
+                        await sub.wake.wait()
                 except TimeoutError:
-                    yield b": keepalive\n\n"
+                    await send(_body(b": keepalive\n\n"))
                     continue
-                sub.wake.clear()
-                view, sub.pending = sub.pending, None
-                if view is None:
-                    continue
-                nonce = secrets.token_hex(8)
-                data = f'{{"version":{view.version},"nonce":"{nonce}","resources":{view.resources_json}}}'
-                sub.sent_digest = view.digest
-                sub.sent_monotonic = time.monotonic()
-                status = sub.status
-                status.sent_version, status.sent_nonce, status.sent_at = view.version, nonce, time.time()
-                self._status_dirty.add(node)
-                self._m_pushes.inc()
-                yield f"event: snapshot\nid: {nonce}\ndata: {data}\n\n".encode()
-        finally:
-            if self._subscribers.get(node) is sub:
-                del self._subscribers[node]
-                sub.status.connected = False
-                self._departed[node] = sub.status
-                self._status_dirty.add(node)
-                log.info("data plane %s disconnected", node)
+            sub.wake.clear()
+            view, sub.pending = sub.pending, None
+            if view is None or sub.gone:
+                continue
+            nonce = secrets.token_hex(8)
+            head = f'event: snapshot\nid: {nonce}\ndata: {{"version":{view.version},"nonce":"{nonce}","resources":'
+            sub.sent_digest = view.digest
+            sub.sent_monotonic = time.monotonic()
+            status = sub.status
+            status.sent_version, status.sent_nonce, status.sent_at = view.version, nonce, time.time()
+            self._status_dirty.add(status.node)
+            self._m_pushes.inc()
+            await send(_body(head.encode() + view.body + b"}\n\n"))
+        if not sub.gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _unsubscribe(self, sub: _Subscriber) -> None:
+        node = sub.status.node
+        if self._subscribers.get(node) is sub:
+            del self._subscribers[node]
+            sub.status.connected = False
+            sub.status.seen_at = time.time()
+            self._departed[node] = sub.status
+            self._status_dirty.add(node)
+            log.info("data plane %s disconnected", node)
 
     async def _flush_status_loop(self) -> None:
+        """Share data-plane statuses through the store, so every replica lists every data plane.
+
+        Only a shared store (etcd) needs them; with the embedded store this replica is the
+        only one, and its memory is the list.
+        """
         ttl = max(30.0, 3 * self.keepalive)
-        while True:
-            await asyncio.sleep(_STATUS_FLUSH)
-            dirty, self._status_dirty = self._status_dirty, set()
-            for node in dirty:
-                sub = self._subscribers.get(node)
-                status = sub.status if sub is not None else self._departed.pop(node, None)
-                if status is None:
-                    continue
-                status.seen_at = time.time()
+        shared = not isinstance(self.store, FileStore)
+        limit = asyncio.Semaphore(16)
+
+        async def put(node: str, status: DataPlaneStatus) -> None:
+            async with limit:
                 try:
                     await self.store.put(DATAPLANES_PREFIX + node, status.to_dict(), ttl=ttl)
                 except StoreError as exc:
                     log.warning("could not record data plane %s: %s", node, exc)
                     self._status_dirty.add(node)
+
+        while True:
+            await asyncio.sleep(_STATUS_FLUSH)
+            now = time.time()
+            for node, departed in list(self._departed.items()):
+                if now - departed.seen_at > ttl:
+                    del self._departed[node]
+            dirty, self._status_dirty = self._status_dirty, set()
+            if not shared:
+                continue
+            writes = []
+            for node in dirty:
+                sub = self._subscribers.get(node)
+                found = sub.status if sub is not None else self._departed.get(node)
+                if found is not None:
+                    found.seen_at = now
+                    writes.append(put(node, found))
+            await asyncio.gather(*writes)
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -565,11 +596,7 @@ class ControlPlane:
         self._subscribers[node] = sub
         self._status_dirty.add(node)
         log.info("data plane %s (%s) subscribed", node, workload.spiffe_id)
-        return StreamingResponse(
-            self._stream(sub),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return _EventStream(self, sub)
 
     async def _h_ack(self, request: Request) -> Response:
         principal = self._auth(request, admin=False)
@@ -803,6 +830,51 @@ class ControlPlane:
         self._tokens.pop(key, None)
         log.info("%s revoked a token", principal)
         return Response(status_code=204)
+
+
+def _body(chunk: bytes) -> Message:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
+class _EventStream(Response):
+    """A server-sent event stream for one data plane.
+
+    Lighter than Starlette's StreamingResponse (no task group, no copy of the last chunk
+    kept while waiting): one waiting coroutine and one disconnect listener per stream.
+    """
+
+    def __init__(self, plane: ControlPlane, sub: _Subscriber) -> None:
+        self.plane = plane
+        self.sub = sub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sub = self.sub
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            sub.gone = True
+            sub.wake.set()
+
+        listener = asyncio.create_task(listen())
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                }
+            )
+            await self.plane._stream(sub, send)
+        except OSError:
+            pass  # the data plane went away mid-write
+        finally:
+            listener.cancel()
+            self.plane._unsubscribe(sub)
 
 
 def _label(item: str) -> tuple[str, str]:
