@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["inprocess.py", "middleware.py"]
+BENCHMARKS = ["inprocess.py", "middleware.py", "controlplane.py"]
 
 
 def main() -> int:

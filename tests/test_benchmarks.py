@@ -40,3 +40,22 @@ def test_middleware_benchmark_runs_every_server() -> None:
         "| MeshMiddleware, authz + local limit |",
     ):
         assert server in result.stdout
+
+
+def test_controlplane_benchmark_pushes_to_every_subscriber() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "controlplane.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in (
+        "| ACK after the apply returned, p50 |",
+        "| ACK after the apply returned, p99 |",
+        "| RSS with 100 subscribed |",
+        "| RSS peak (VmHWM) |",
+    ):
+        assert row in result.stdout
+    assert "100 of 100 ACKED, 100 on the last version" in result.stdout
