@@ -72,6 +72,39 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    import logging
+
+    from ._exceptions import MeshError
+    from .sidecar._run import SidecarOptions, main, parse_labels
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        labels = parse_labels(args.labels)
+    except MeshError as exc:
+        print(f"meshlib sidecar: {exc}", file=sys.stderr)
+        return 2
+    return main(
+        SidecarOptions(
+            workload=args.workload,
+            namespace=args.namespace,
+            labels=labels,
+            service_account=args.service_account or "",
+            config=args.config or (),
+            ca=args.ca,
+            control_plane=args.control_plane,
+            token=args.token,
+            cache_dir=args.cache_dir,
+            verify=args.cacert,
+            app=args.app,
+            inbound=args.inbound,
+            outbound=args.outbound,
+            admin=args.admin,
+            drain_timeout=args.drain_timeout,
+        )
+    )
+
+
 def _admin_client(args: argparse.Namespace) -> object:
     import httpx
 
@@ -220,6 +253,29 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--registry-ttl", type=float, default=10.0, metavar="SECONDS", help="default %(default)s")
     cp.add_argument("--keepalive", type=float, default=10.0, metavar="SECONDS", help="default %(default)s")
     cp.set_defaults(func=_cmd_control_plane)
+
+    side = sub.add_parser(
+        "sidecar",
+        help="run the mesh beside an app that does not change a line",
+        description="An outbound HTTP proxy for the app (HTTP_PROXY=http://127.0.0.1:15001) and an inbound listener "
+        "in front of it (mTLS, authorization, rate limits, deadlines), with the same engine as the in-process client.",
+    )
+    side.add_argument("--workload", required=True, metavar="NAME")
+    side.add_argument("--namespace", default="default")
+    side.add_argument("--labels", metavar="k=v,...", help="the workload's labels (subsets and selectors match them)")
+    side.add_argument("--service-account", metavar="SA", help="default: the workload name")
+    side.add_argument("--config", nargs="*", metavar="PATH", help="YAML files or folders (reloaded when they change)")
+    side.add_argument("--ca", metavar="DIR", help="with --config: a CA folder that issues this workload's certificate")
+    side.add_argument("--control-plane", metavar="URL", help="take the configuration and certificate from here...")
+    side.add_argument("--token", metavar="T", help="...with this bootstrap token (or MESHLIB_TOKEN)")
+    side.add_argument("--cache-dir", metavar="DIR", help="where the last good configuration is kept")
+    side.add_argument("--cacert", metavar="PEM", help="verify an HTTPS control plane with this CA bundle")
+    side.add_argument("--app", required=True, metavar="HOST:PORT", help="where the app listens")
+    side.add_argument("--inbound", default="0.0.0.0:15006", metavar="HOST:PORT", help="default %(default)s")
+    side.add_argument("--outbound", default="127.0.0.1:15001", metavar="HOST:PORT", help="default %(default)s")
+    side.add_argument("--admin", default="127.0.0.1:15000", metavar="HOST:PORT", help="default %(default)s")
+    side.add_argument("--drain-timeout", type=float, default=15.0, metavar="SECONDS", help="default %(default)s")
+    side.set_defaults(func=_cmd_sidecar)
 
     def admin_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--control-plane", default="http://127.0.0.1:15010", metavar="URL", help="default %(default)s")
