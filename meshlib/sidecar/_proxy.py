@@ -108,7 +108,9 @@ async def relay_response(response: httpx.Response, send: Any, extra: Iterable[tu
         headers = forward_headers(response.headers.raw)
         headers.extend(extra)
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        async for chunk in response.aiter_raw():
+        stream = response.stream  # raw, as the upstream sent it: no decoding, no re-chunking
+        assert isinstance(stream, httpx.AsyncByteStream)
+        async for chunk in stream:
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

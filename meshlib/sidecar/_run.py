@@ -37,6 +37,8 @@ _COMMON: dict[str, Any] = {
     "server_header": False,  # a proxy passes the app's headers, it does not add its own
     "date_header": False,
     "http": "httptools",
+    "access_log": False,  # the mesh writes Envoy-style access logs (MeshConfig accessLog); uvicorn's would double them
+    "proxy_headers": False,  # X-Forwarded-* are the app's to read, not this server's to act on
 }
 
 
