@@ -13,7 +13,7 @@ last install, then runs the real tool inside `.venv`:
     python3 dev.py lint               ruff check, ruff format --check, mypy --strict, layers
     python3 dev.py meshlib ARGS...    any meshlib CLI call, e.g. `meshlib validate mesh/`
     python3 dev.py bench [ARGS...]    benchmarks/run.py ARGS..., if it exists
-    python3 dev.py docs               mkdocs build, if mkdocs.yml exists
+    python3 dev.py docs               mkdocs build --strict: the docs site, to site/
 
 bench and docs run what the noxfile's sessions of the same name run, in `.venv`
 rather than in a venv of their own. The exit status is the tool's.
@@ -46,6 +46,7 @@ APT_PACKAGES: dict[str, str] = {
     "curl": "curl",  # mTLS interop tests
     "wrk": "wrk",  # middleware overhead benchmark
     "etcd": "etcd-server",  # control-plane HA store (tests start a 3-member cluster on loopback)
+    "haproxy": "haproxy",  # the reference proxy hop of benchmarks/modes.py
 }
 
 USAGE = "usage:\n" + (__doc__ or "").split("\n\n")[2]
@@ -136,11 +137,7 @@ def lint() -> int:
 
 
 def docs() -> int:
-    if not (ROOT / "mkdocs.yml").exists():
-        say("no mkdocs.yml yet: the docs are the Markdown files in docs/")
-        return 0
-    if not (BIN / "mkdocs").exists() and run([PY, "-m", "pip", "install", "-q", "mkdocs"]) != 0:
-        return 1
+    """The docs site (mkdocs.yml, docs/) built to site/; a broken link, anchor or reference fails it."""
     return run([BIN / "mkdocs", "build", "--strict"], cwd=ROOT)
 
 
