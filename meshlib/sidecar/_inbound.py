@@ -72,6 +72,6 @@ class AppForwarder:
             if body.disconnected:
                 return
             status, flag, text = error_reply(exc)
-            await send_error(send, status, flag, text)
+            await send_error(send, status, flag, text, exc)
             return
         await relay_response(response, send)

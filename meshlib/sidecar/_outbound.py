@@ -68,7 +68,7 @@ class OutboundProxy:
             if body.disconnected:
                 return  # the client left; nobody to answer (Envoy's DC)
             status, flag, text = error_reply(exc)
-            await send_error(send, status, flag, text)
+            await send_error(send, status, flag, text, exc)
             return
         await relay_response(response, send)
 

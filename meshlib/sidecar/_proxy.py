@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 
-from .._exceptions import RequestPathError
+from .._exceptions import RateLimitedError, RequestPathError
+from ..client._common import FLAGS_EXTENSION
 
 __all__ = ["ASGIBody", "HOP_BY_HOP", "error_reply", "forward_headers", "relay_response"]
 
@@ -82,7 +83,10 @@ def error_reply(exc: Exception) -> tuple[int, str, bytes]:
     return 502, "UC", f"upstream error: {type(exc).__name__}: {exc}\n".encode()
 
 
-async def send_error(send: Any, status: int, flag: str, body: bytes) -> None:
+async def send_error(send: Any, status: int, flag: str, body: bytes, exc: Exception | None = None) -> None:
+    extra: list[tuple[bytes, bytes]] = []
+    if isinstance(exc, RateLimitedError) and exc.retry_after > 0:
+        extra.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
     await send(
         {
             "type": "http.response.start",
@@ -92,6 +96,7 @@ async def send_error(send: Any, status: int, flag: str, body: bytes) -> None:
                 (b"content-length", str(len(body)).encode()),
                 (b"x-meshlib-response-flags", flag.encode()),
                 *([(b"x-envoy-overloaded", b"true")] if flag == "UO" else []),
+                *extra,
             ],
         }
     )
@@ -107,6 +112,9 @@ async def relay_response(response: httpx.Response, send: Any, extra: Iterable[tu
     try:
         headers = forward_headers(response.headers.raw)
         headers.extend(extra)
+        flags = response.extensions.get(FLAGS_EXTENSION)
+        if flags and flags != "-":  # a local reply of the mesh (fault abort FI, no route NR): say so, as Envoy logs it
+            headers.append((b"x-meshlib-response-flags", str(flags).encode()))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         stream = response.stream  # raw, as the upstream sent it: no decoding, no re-chunking
         assert isinstance(stream, httpx.AsyncByteStream)

@@ -24,6 +24,7 @@ from ..policy import Snapshot, Workload
 from ..policy._load import expand_paths
 from ..server import MeshMiddleware, MeshServer
 from ._admin import admin_app
+from ._http import HttpProtocol
 from ._inbound import AppForwarder
 from ._outbound import OutboundProxy
 
@@ -36,7 +37,7 @@ _COMMON: dict[str, Any] = {
     "lifespan": "off",
     "server_header": False,  # a proxy passes the app's headers, it does not add its own
     "date_header": False,
-    "http": "httptools",
+    "http": HttpProtocol,  # uvicorn's httptools protocol, refusing request heads over 60 KiB with 431
     "access_log": False,  # the mesh writes Envoy-style access logs (MeshConfig accessLog); uvicorn's would double them
     "proxy_headers": False,  # X-Forwarded-* are the app's to read, not this server's to act on
 }
@@ -181,6 +182,11 @@ class Sidecar:
             await asyncio.sleep(self._reload_interval)
             stamp = await asyncio.to_thread(self._config_stamp)
             if stamp == self._stamp:
+                continue
+            # Load only once the files stopped changing for an interval: an editor saving in place
+            # could otherwise be read half-written (an empty file is a valid, empty configuration).
+            await asyncio.sleep(self._reload_interval)
+            if await asyncio.to_thread(self._config_stamp) != stamp:
                 continue
             self._stamp = stamp
             try:
