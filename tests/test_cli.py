@@ -77,8 +77,8 @@ def test_validate_a_missing_path_exits_1(tmp_path: Path) -> None:
     assert "no such file or folder" in result.stdout
 
 
-def test_demo_reports_the_loaded_mesh() -> None:
-    result = meshlib("demo")
+def test_demo_static_reports_the_loaded_mesh() -> None:
+    result = meshlib("demo", "--static")  # the live `meshlib demo` has its own test: tests/test_demo.py
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "snapshot version" in out
