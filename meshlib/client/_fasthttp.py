@@ -532,7 +532,7 @@ class FastAsyncTransport(httpx.AsyncBaseTransport):
         *,
         ssl_context: ssl.SSLContext | None = None,
         max_connections_per_origin: int = 100,
-        max_idle_per_origin: int = 20,
+        max_idle_per_origin: int = 100,
         keepalive_expiry: float | None = 5.0,
     ) -> None:
         if max_connections_per_origin < 1:
