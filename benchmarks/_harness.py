@@ -80,14 +80,8 @@ def serve_mtls(port: int, ca_dir: str) -> None:
     server.run()
 
 
-@contextlib.contextmanager
-def upstream(ca_dir: Path | None = None) -> Iterator[int]:
-    """A uvicorn (httptools, uvloop, no access log) server process on a free loopback port.
-
-    With ``ca_dir`` (a folder ``CertificateAuthority.save`` wrote) it serves through
-    ``meshlib.MeshServer`` instead: mTLS only (STRICT), with a certificate from that CA.
-    """
-    port = free_port()
+def app_command(port: int, ca_dir: Path | None = None) -> list[str]:
+    """``upstream``'s server process: ``app`` under uvicorn, or through MeshServer with ``ca_dir``."""
     if ca_dir is None:
         code = (
             f"import uvicorn, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks._harness import app; "
@@ -99,23 +93,45 @@ def upstream(ca_dir: Path | None = None) -> Iterator[int]:
             f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks._harness import serve_mtls; "
             f"serve_mtls({port}, {str(ca_dir)!r})"
         )
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    return [sys.executable, "-c", code]
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], port: int, timeout: float = 15.0, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` and wait until it accepts connections on loopback ``port``; terminate it at the end."""
+    proc = subprocess.Popen(argv, **popen)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("upstream exited")
+                raise RuntimeError(f"{Path(argv[0]).name} exited with status {proc.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("upstream did not start") from None
+                    raise RuntimeError(f"{Path(argv[0]).name} did not listen on port {port}") from None
                 time.sleep(0.05)
-        yield port
+        yield proc
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def upstream(ca_dir: Path | None = None) -> Iterator[int]:
+    """A uvicorn (httptools, uvloop, no access log) server process on a free loopback port.
+
+    With ``ca_dir`` (a folder ``CertificateAuthority.save`` wrote) it serves through
+    ``meshlib.MeshServer`` instead: mTLS only (STRICT), with a certificate from that CA.
+    """
+    port = free_port()
+    with serving(app_command(port, ca_dir), port):
+        yield port
 
 
 def summary(latencies: list[float], elapsed: float) -> dict[str, float]:

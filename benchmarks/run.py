@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["inprocess.py", "middleware.py", "controlplane.py"]
+BENCHMARKS = ["inprocess.py", "middleware.py", "controlplane.py", "modes.py"]
 
 
 def main() -> int:

@@ -59,3 +59,30 @@ def test_controlplane_benchmark_pushes_to_every_subscriber() -> None:
     ):
         assert row in result.stdout
     assert "100 of 100 ACKED, 100 on the last version" in result.stdout
+
+
+def test_modes_benchmark_runs_every_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "modes.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in (
+        "| httpx → app |",
+        "| in-process mesh → app |",
+        "| httpx → HAProxy → app |",
+        "| httpx → sidecar → app |",
+        "| httpx → sidecar → sidecar (mTLS) → app |",
+        "| raw → app |",
+        "| raw → HAProxy → app |",
+        "| raw → sidecar → app |",
+        "| raw → sidecar → sidecar (mTLS) → app |",
+        "| HAProxy |",
+        "| sidecar (one hop) |",
+    ):
+        assert row in result.stdout
+    assert "| one sidecar sustains ≥ 50% of HAProxy's req/s through one hop (wrk) |" in result.stdout
+    assert "names no mutual_tls" not in result.stdout  # the sidecar pair did speak mTLS
