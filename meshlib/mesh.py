@@ -231,6 +231,8 @@ class Mesh:
                 if future.done() and not future.cancelled() and future.exception() is None:
                     future.result().close()  # it arrived as we gave up
                 raise agent.unavailable_error()
+        if waiting.done() and not waiting.cancelled():
+            waiting.exception()  # seen here: future.result() below raises it, without asyncio's "never retrieved"
         try:
             return future.result()  # the thread's future: done even when the timeout raced it
         except BaseException:
