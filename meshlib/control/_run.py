@@ -149,12 +149,6 @@ async def run_control_plane(options: ControlPlaneOptions) -> int:
         if startup is not None:
             version = await plane.apply(startup.resources, who="config:" + ",".join(options.config))
             log.info("configuration from %s is version %d", ", ".join(options.config), version)
-        scheme = "https" if tls else "http"
-        print(
-            f"meshlib control plane on {scheme}://{host}:{port} (replica {plane.replica}, version {plane.version}); "
-            f"admin token in {options.admin_token_file or options.state_dir / 'admin-token'}",
-            flush=True,
-        )
 
         def shut_down() -> None:
             plane.drain()  # streams end first, or uvicorn would wait for them
@@ -163,7 +157,20 @@ async def run_control_plane(options: ControlPlaneOptions) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shut_down)
-        await server.serve()
+        serving = asyncio.create_task(server.serve())
+        while not server.started:  # say where it listens only once it does (port 0 included)
+            if serving.done():
+                await serving  # raises what stopped it (a port in use...)
+                return 1
+            await asyncio.sleep(0.01)
+        bound = next((sock.getsockname()[1] for srv in server.servers for sock in srv.sockets), port)
+        scheme = "https" if tls else "http"
+        print(
+            f"meshlib control plane on {scheme}://{host}:{bound} (replica {plane.replica}, version {plane.version}); "
+            f"admin token in {options.admin_token_file or options.state_dir / 'admin-token'}",
+            flush=True,
+        )
+        await serving
     finally:
         await plane.stop()
     return 0
