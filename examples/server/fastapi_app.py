@@ -10,6 +10,7 @@ workload certificate. Who called is ``meshlib.peer_identity(request.scope)``.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -39,5 +40,11 @@ def build(mesh: meshlib.Mesh) -> meshlib.MeshMiddleware:
 
 
 if __name__ == "__main__":
-    mesh = meshlib.Mesh.from_files(HERE / "mesh.yaml", workload="orders", ca=HERE.parents[1] / "ca")
-    meshlib.serve(build(mesh), mesh=mesh, host="127.0.0.1", port=8443)
+    parser = argparse.ArgumentParser(description="the orders service, behind MeshMiddleware, over mTLS")
+    parser.add_argument(
+        "--ca", default=HERE.parents[1] / "ca", help="a `meshlib ca init` folder (default: ca/ at the root)"
+    )
+    parser.add_argument("--port", type=int, default=8443, help="default %(default)s")
+    args = parser.parse_args()
+    mesh = meshlib.Mesh.from_files(HERE / "mesh.yaml", workload="orders", ca=args.ca)
+    meshlib.serve(build(mesh), mesh=mesh, host="127.0.0.1", port=args.port)

@@ -7,6 +7,7 @@ Run it (after ``meshlib ca init ca/``)::
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -43,5 +44,11 @@ def build(mesh: meshlib.Mesh) -> Starlette:
 
 
 if __name__ == "__main__":
-    mesh = meshlib.Mesh.from_files(HERE / "mesh.yaml", workload="orders", ca=HERE.parents[1] / "ca")
-    meshlib.serve(build(mesh), mesh=mesh, host="127.0.0.1", port=8443)
+    parser = argparse.ArgumentParser(description="the orders service, behind MeshMiddleware, over mTLS")
+    parser.add_argument(
+        "--ca", default=HERE.parents[1] / "ca", help="a `meshlib ca init` folder (default: ca/ at the root)"
+    )
+    parser.add_argument("--port", type=int, default=8443, help="default %(default)s")
+    args = parser.parse_args()
+    mesh = meshlib.Mesh.from_files(HERE / "mesh.yaml", workload="orders", ca=args.ca)
+    meshlib.serve(build(mesh), mesh=mesh, host="127.0.0.1", port=args.port)
