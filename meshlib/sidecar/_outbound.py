@@ -35,9 +35,7 @@ class OutboundProxy:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await _lifespan(receive, send)
-            return  # websockets through the proxy: not supported, uvicorn refuses the upgrade
+            return  # served with lifespan off; websockets through the proxy are not supported
         method = scope["method"]
         if method == "CONNECT":
             await send_error(
@@ -80,13 +78,3 @@ def _authority(scope: MutableMapping[str, Any]) -> str | None:
             text = value.decode("latin-1").strip()
             return text or None
     return None
-
-
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
