@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlib.policy import Origin, Snapshot, parse_documents, read_documents
+from meshlib.policy import DestinationRule, Origin, Snapshot, parse_documents, read_documents
 
 CORPUS = Path(__file__).parent.parent / "fixtures" / "istio"
 FILES = sorted(p for p in CORPUS.rglob("*") if p.suffix in (".yaml", ".yml"))
@@ -29,3 +29,48 @@ def test_a_snapshot_rebuilt_from_its_documents_has_the_same_version() -> None:
     snapshot = Snapshot.from_resources(d for d, _ in docs)
     again = Snapshot.from_resources(r.to_document() for r in snapshot.resources)
     assert again.version == snapshot.version
+
+
+def _doc(kind: str, name: str, namespace: str, spec: dict[str, object]) -> dict[str, object]:
+    group = "security.istio.io/v1" if kind in ("PeerAuthentication", "AuthorizationPolicy") else "meshlib.io/v1"
+    return {"apiVersion": group, "kind": kind, "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def test_a_workload_scope_keeps_its_own_inbound_policies_and_every_host() -> None:
+    from meshlib.policy import Workload
+
+    docs = read_documents([CORPUS / "destination-rule-all.yaml"])[0]
+    snapshot = Snapshot.from_resources(
+        [d for d, _ in docs]
+        + [
+            _doc("PeerAuthentication", "mesh", "istio-system", {"mtls": {"mode": "STRICT"}}),
+            _doc("PeerAuthentication", "shop", "shop", {"mtls": {"mode": "PERMISSIVE"}}),
+            _doc("PeerAuthentication", "other-ns", "other", {"mtls": {"mode": "DISABLE"}}),
+            _doc(
+                "PeerAuthentication",
+                "orders-only",
+                "shop",
+                {"selector": {"matchLabels": {"app": "orders"}}, "mtls": {"mode": "STRICT"}},
+            ),
+            _doc(
+                "PeerAuthentication",
+                "ledger-only",
+                "shop",
+                {"selector": {"matchLabels": {"app": "ledger"}}, "mtls": {"mode": "DISABLE"}},
+            ),
+            _doc("AuthorizationPolicy", "orders-authz", "shop", {"selector": {"matchLabels": {"app": "orders"}}}),
+            _doc("AuthorizationPolicy", "ledger-authz", "shop", {"selector": {"matchLabels": {"app": "ledger"}}}),
+        ]
+    )
+    orders = Workload("orders", namespace="shop")
+    scoped = Snapshot.from_resources(r.to_document() for r in snapshot.scoped_to(orders))
+    refs = {r.ref for r in scoped.resources}
+    assert "PeerAuthentication/shop/orders-only" in refs
+    assert "PeerAuthentication/shop/ledger-only" not in refs
+    assert "PeerAuthentication/other/other-ns" not in refs
+    assert "AuthorizationPolicy/shop/orders-authz" in refs
+    assert "AuthorizationPolicy/shop/ledger-authz" not in refs
+    assert {r.ref for r in snapshot.of_kind(DestinationRule)} <= refs, "every host stays visible"
+    # the scoped snapshot decides as the whole one does, for this workload
+    assert scoped.mtls(orders) == snapshot.mtls(orders)
+    assert scoped.authorization_policies(orders) == snapshot.authorization_policies(orders)
