@@ -47,6 +47,7 @@ APT_PACKAGES: dict[str, str] = {
     "wrk": "wrk",  # middleware overhead benchmark
     "etcd": "etcd-server",  # control-plane HA store (tests start a 3-member cluster on loopback)
     "haproxy": "haproxy",  # the reference proxy hop of benchmarks/modes.py
+    "chromium": "chromium",  # the dashboard's browser tests (Playwright drives Debian's build; nothing downloaded)
 }
 
 USAGE = "usage:\n" + (__doc__ or "").split("\n\n")[2]

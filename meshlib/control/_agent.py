@@ -79,6 +79,8 @@ REQUEST_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
 """How long ``close`` waits for the deregistration and the thread: shutdown must never hang on a dead peer."""
 CACHE_FILE = "snapshot.json"
+REPORT_INTERVAL = 5.0
+"""Seconds between two reports of RED metrics, breakers and the certificate to the control plane (its dashboard)."""
 STILL_DOWN_EVERY = 60.0
 """Seconds between the warnings that the control plane is still unreachable (each attempt logs at DEBUG)."""
 
@@ -393,11 +395,14 @@ class Agent:
         verify: Verify = True,
         keepalive: float = DEFAULT_KEEPALIVE,
         node: str | None = None,
+        report_interval: float = REPORT_INTERVAL,
     ) -> None:
         self.url = url.rstrip("/")
         self.workload = workload
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(workload)
         self.keepalive = keepalive
+        self.report_interval = report_interval
+        """Seconds between reports to ``POST /v1/report`` (read before each wait: may be changed while running)."""
         self.node = node or f"{workload.name}.{workload.namespace}-{os.getpid()}-{secrets.token_hex(3)}"
         self._token = token
         self._verify = verify
@@ -468,12 +473,13 @@ class Agent:
             timeout=REQUEST_TIMEOUT,
         )
         stream = asyncio.create_task(self._stream_forever(), name="meshlib-agent-stream")
+        report = asyncio.create_task(self._report_forever(), name="meshlib-agent-report")
         try:
             await self._stopping.wait()
         finally:
             if self._deregister_on_close:
                 await self._deregister_all()
-            tasks = [stream, *self._heartbeats]
+            tasks = [stream, report, *self._heartbeats]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -675,6 +681,34 @@ class Agent:
         )
         if first:
             self._resolve(mesh)
+
+    async def _report_forever(self) -> None:
+        """Post a summary of this data plane's metrics every ``report_interval`` s (best effort, for the dashboard).
+
+        A control plane without ``/v1/report`` (an older one) answers a plain 404 or 405:
+        reporting then stops, and nothing else changes.
+        """
+        from ._report import summarize
+
+        assert self._client is not None
+        last = time.monotonic()
+        while True:  # short sleeps: a changed report_interval counts from the next one
+            await asyncio.sleep(min(1.0, max(0.05, self.report_interval)))
+            if time.monotonic() - last < self.report_interval:
+                continue
+            last = time.monotonic()
+            mesh = self.mesh
+            if mesh is None or not self.connected:
+                continue
+            try:
+                body = {"node": self.node, **summarize(mesh)}
+                response = await self._client.post("/v1/report", json=body)
+            except (httpx.HTTPError, ValueError, TypeError) as exc:
+                log.debug("meshlib: could not report to control plane %s: %s", self.url, _reason(exc))
+                continue
+            if response.status_code in (404, 405) and "json" not in response.headers.get("content-type", ""):
+                log.debug("meshlib: control plane %s takes no reports; not reporting", self.url)
+                return
 
     async def _nack(self, nonce: str, version: int | None, error: str) -> None:
         """Refuse a push; ``version`` is None when the event was too torn to say which it was."""

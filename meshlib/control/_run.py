@@ -50,7 +50,7 @@ class ControlPlaneOptions:
 
 
 def _admin_token(path: Path) -> str:
-    """The admin token in ``path``, made (0600) on first start; printed nowhere."""
+    """The token in ``path`` (the admin token, or the view token), made 0600 at first start; printed nowhere."""
     if path.exists():
         token = path.read_text().strip()
         if not token:
@@ -63,7 +63,7 @@ def _admin_token(path: Path) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    log.info("wrote a new admin token to %s", path)
+    log.info("wrote a new token to %s", path)
     return token
 
 
@@ -118,6 +118,7 @@ async def run_control_plane(options: ControlPlaneOptions) -> int:
     if options.config:
         startup = Snapshot.from_files(*options.config)  # refuse bad files before touching the store
     admin_token = _admin_token(options.admin_token_file or options.state_dir / "admin-token")
+    view_token = _admin_token(options.state_dir / "view-token")  # read-only: the dashboard's
     store = open_store(options.store, options.state_dir)
     await store.start()
     try:
@@ -125,7 +126,12 @@ async def run_control_plane(options: ControlPlaneOptions) -> int:
     finally:
         await store.close()
     plane = ControlPlane(
-        store, ca=ca, admin_token=admin_token, registry_ttl=options.registry_ttl, keepalive=options.keepalive
+        store,
+        ca=ca,
+        admin_token=admin_token,
+        registry_ttl=options.registry_ttl,
+        keepalive=options.keepalive,
+        view_token=view_token,
     )
     tls: dict[str, str] = {}
     if options.tls_cert or options.tls_key:
@@ -167,7 +173,8 @@ async def run_control_plane(options: ControlPlaneOptions) -> int:
         scheme = "https" if tls else "http"
         print(
             f"meshlib control plane on {scheme}://{host}:{bound} (replica {plane.replica}, version {plane.version}); "
-            f"admin token in {options.admin_token_file or options.state_dir / 'admin-token'}",
+            f"admin token in {options.admin_token_file or options.state_dir / 'admin-token'}; "
+            f"dashboard on {scheme}://{host}:{bound}/dashboard (view token in {options.state_dir / 'view-token'})",
             flush=True,
         )
         await serving

@@ -39,7 +39,9 @@ from ._config import (
     parse_body,
     replace_resources,
 )
+from ._dashboard import dashboard_routes
 from ._registry import Registration, merge_registry
+from ._report import Reports
 from ._store import Event, FileStore, Store, StoreError
 from ._tokens import TOKENS_PREFIX, Principal, hash_token, new_token, principal_from
 
@@ -126,6 +128,7 @@ class ControlPlane:
         keepalive: float = 10.0,
         replica: str | None = None,
         certificate_ttl: float | None = None,
+        view_token: str | None = None,
     ) -> None:
         self.store = store
         self.ca = ca
@@ -140,6 +143,9 @@ class ControlPlane:
         self._local_admin: dict[str, Principal] = {}
         if admin_token:
             self._local_admin[hash_token(admin_token)] = Principal(True, "admin")
+        self._viewers: set[str] = {hash_token(view_token)} if view_token else set()
+        self.reports = Reports()
+        """The data planes' last reports (RED per edge, breakers, certificates): the dashboard reads them."""
         self._remote_status: dict[str, dict[str, Any]] = {}
         self._subscribers: dict[str, _Subscriber] = {}
         self._status_dirty: set[str] = set()
@@ -526,6 +532,8 @@ class ControlPlane:
             Route("/v1/registry", self._h_registry, methods=["GET"]),
             Route("/v1/tokens", self._h_tokens, methods=["POST"]),
             Route("/v1/tokens/revoke", self._h_revoke, methods=["POST"]),
+            Route("/v1/report", self._h_report, methods=["POST"]),
+            *dashboard_routes(self),
         ]
         return Starlette(routes=routes, lifespan=self._lifespan)
 
@@ -551,6 +559,14 @@ class ControlPlane:
         if admin and not principal.admin:
             return _error(403, "this needs an admin token")
         return principal
+
+    async def _authed_json(self, request: Request, *, admin: bool) -> tuple[Principal, dict[str, Any]] | Response:
+        """The caller's principal and JSON body, or the error answer for either."""
+        principal = self._auth(request, admin=admin)
+        if isinstance(principal, Response):
+            return principal
+        data = await self._json(request)
+        return data if isinstance(data, Response) else (principal, data)
 
     async def _json(self, request: Request) -> dict[str, Any] | Response:
         body = await _read_body(request)
@@ -599,12 +615,10 @@ class ControlPlane:
         return _EventStream(self, sub)
 
     async def _h_ack(self, request: Request) -> Response:
-        principal = self._auth(request, admin=False)
-        if isinstance(principal, Response):
-            return principal
-        data = await self._json(request)
-        if isinstance(data, Response):
-            return data
+        checked = await self._authed_json(request, admin=False)
+        if isinstance(checked, Response):
+            return checked
+        principal, data = checked
         node = str(data.get("node", ""))
         sub = self._subscribers.get(node)
         if sub is None:
@@ -634,13 +648,38 @@ class ControlPlane:
         self._status_dirty.add(node)
         return Response(status_code=204)
 
+    async def _h_report(self, request: Request) -> Response:
+        """A data plane's metrics summary (see ``_report``), kept in memory for the dashboard."""
+        checked = await self._authed_json(request, admin=False)
+        if isinstance(checked, Response):
+            return checked
+        principal, data = checked
+        node = str(data.get("node", ""))
+        sub = self._subscribers.get(node)
+        if sub is None:
+            return _error(404, f"no data plane {node!r} streams from this replica")
+        if not principal.may_act_as(sub.status.namespace, sub.status.service_account):
+            return _error(
+                403, f"this token is for {principal}, not {sub.status.namespace}/{sub.status.service_account}"
+            )
+        self.reports.add(node, data)
+        return Response(status_code=204)
+
+    def may_view(self, request: Request) -> bool:
+        """An admin token or the view token (read-only: the dashboard's state, nothing else)."""
+        header = request.headers.get("authorization")
+        principal = self._principal(request)
+        if principal is not None and principal.admin:
+            return True
+        if not self._viewers or not header or not header.lower().startswith("bearer "):
+            return False
+        return hash_token(header[len("bearer ") :].strip()) in self._viewers
+
     async def _h_register(self, request: Request) -> Response:
-        principal = self._auth(request, admin=False)
-        if isinstance(principal, Response):
-            return principal
-        data = await self._json(request)
-        if isinstance(data, Response):
-            return data
+        checked = await self._authed_json(request, admin=False)
+        if isinstance(checked, Response):
+            return checked
+        principal, data = checked
         try:
             reg = Registration.parse(data)
         except (ValueError, TypeError) as exc:
@@ -756,12 +795,10 @@ class ControlPlane:
         return JSONResponse({"version": self.version, "history": await self.history(with_resources=full)})
 
     async def _h_rollback(self, request: Request) -> Response:
-        principal = self._auth(request, admin=True)
-        if isinstance(principal, Response):
-            return principal
-        data = await self._json(request)
-        if isinstance(data, Response):
-            return data
+        checked = await self._authed_json(request, admin=True)
+        if isinstance(checked, Response):
+            return checked
+        principal, data = checked
         target = data.get("version")
         if not isinstance(target, int) or isinstance(target, bool):
             return _error(400, "version: the integer version to roll back to is required")
@@ -796,12 +833,10 @@ class ControlPlane:
         return JSONResponse({"registrations": items})
 
     async def _h_tokens(self, request: Request) -> Response:
-        principal = self._auth(request, admin=True)
-        if isinstance(principal, Response):
-            return principal
-        data = await self._json(request)
-        if isinstance(data, Response):
-            return data
+        checked = await self._authed_json(request, admin=True)
+        if isinstance(checked, Response):
+            return checked
+        _, data = checked
         try:
             token = await self.create_token(
                 str(data.get("namespace") or "default"),
@@ -815,12 +850,10 @@ class ControlPlane:
 
     async def _h_revoke(self, request: Request) -> Response:
         """Revoke a token by presenting it (only its hash is stored, so the token itself names it)."""
-        principal = self._auth(request, admin=True)
-        if isinstance(principal, Response):
-            return principal
-        data = await self._json(request)
-        if isinstance(data, Response):
-            return data
+        checked = await self._authed_json(request, admin=True)
+        if isinstance(checked, Response):
+            return checked
+        principal, data = checked
         token = data.get("token")
         if not isinstance(token, str) or not token:
             return _error(400, "token: the token to revoke is required")

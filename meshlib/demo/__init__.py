@@ -165,7 +165,8 @@ def _links(shop: Shop) -> dict[str, str]:
         admin = f"http://127.0.0.1:{shop.sidecar_ports.admin}"
         links["ledger sidecar /metrics"] = f"{admin}/metrics"
         links["ledger sidecar /config"] = f"{admin}/config"
-    links["dashboard"] = "not yet (issue #11)"
+    if shop.cp.url:
+        links["dashboard"] = shop.cp.dashboard_url
     return links
 
 
@@ -174,6 +175,7 @@ async def _keep_running(shop: Shop, report: Report) -> None:
     report.heading("The mesh stays up (--keep-running); Ctrl-C stops everything")
     token = shop.cp.admin_token_file
     report.say(f"  control plane    {shop.cp.url}   (admin token in {token})")
+    report.say(f"  dashboard        {shop.cp.dashboard_url}")
     report.say(f"  try              meshlib apply --control-plane {shop.cp.url} --admin-token-file {token} FILE.yaml")
     report.say(f'                   curl -H "Authorization: Bearer $(cat {token})" {shop.cp.url}/v1/dataplanes')
     report.say("  frontend sends an order every half second meanwhile.")

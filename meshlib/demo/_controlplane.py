@@ -40,6 +40,7 @@ class DemoControlPlane:
     def __init__(self, state_dir: Path, *, registry_ttl: float = 10.0, keepalive: float = 10.0) -> None:
         self.state_dir = state_dir
         self.admin_token_file = state_dir / "admin-token"
+        self.view_token_file = state_dir / "view-token"
         self._options = ControlPlaneOptions(state_dir=state_dir, registry_ttl=registry_ttl, keepalive=keepalive)
         self._thread = LoopThread("control-plane")
         self._server: uvicorn.Server | None = None
@@ -47,9 +48,11 @@ class DemoControlPlane:
         self.plane: ControlPlane | None = None
         self.url = ""
         self.admin_token = ""
+        self.view_token = ""
 
     async def start(self) -> None:
         self.admin_token = _admin_token(self.admin_token_file)
+        self.view_token = _admin_token(self.view_token_file)
         self.url = await self._thread.run(self._start())
 
     async def _start(self) -> str:
@@ -62,6 +65,7 @@ class DemoControlPlane:
             admin_token=self.admin_token,
             registry_ttl=options.registry_ttl,
             keepalive=options.keepalive,
+            view_token=self.view_token,
         )
         await plane.start()
         self.plane = plane
@@ -85,6 +89,11 @@ class DemoControlPlane:
                 raise DemoError("the control plane stopped as it started")
             await asyncio.sleep(0.01)
         return f"http://127.0.0.1:{port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard, with the read-only view token in the fragment (which browsers never send to a server)."""
+        return f"{self.url}/dashboard#token={self.view_token}"
 
     async def stop(self) -> None:
         try:

@@ -141,6 +141,7 @@ def running_control_plane(
     ca: CertificateAuthority | None = None,
     registry_ttl: float = 10.0,
     keepalive: float = 10.0,
+    view_token: str | None = None,
     **server_options: Any,
 ) -> Iterator[RunningControlPlane]:
     """A control plane (file store under ``tmp_path`` unless given) serving on a loopback port."""
@@ -151,6 +152,7 @@ def running_control_plane(
         admin_token=ADMIN_TOKEN,
         registry_ttl=registry_ttl,
         keepalive=keepalive,
+        view_token=view_token,
     )
     running = RunningControlPlane(plane, port or free_port(), **server_options)
     running.start_serving()
