@@ -14,6 +14,11 @@ Where meshlib differs from Envoy, on purpose:
   (``Outcome.never_sent``: connect failure, refused stream), unless the policy is
   compiled with ``retry_non_idempotent=True``. Envoy retries a POST after a reset
   or a 503, which can charge a card twice.
+- **Idempotent requests whose connection broke** (``reset``) are retried under the
+  mesh default policy, which Istio's default (no ``reset``) would give back to the
+  caller: RFC 9110 §9.2.2 lets a client repeat an idempotent request when the
+  connection fails before the response. A route or MeshConfig that sets its own
+  ``retryOn`` gets exactly what it lists.
 - **Local overflow** (the pool was full) is never retried, as in Envoy: the retry
   would meet the same full pool.
 - The retriable status codes are Istio's (``parseRetryOn``): a route that sets
@@ -42,7 +47,7 @@ from typing import cast
 
 from tenacity import RetryCallState, wait_exponential
 
-from ..policy._meshkinds import RetryDefaults
+from ..policy._meshkinds import DEFAULT_RETRY_ON, RetryDefaults
 from ..policy._networking import HTTPRetry
 from ._outcome import Failure, Outcome
 
@@ -184,6 +189,8 @@ class RetryPolicy:
     retry_non_idempotent: bool = False
     avoid_previous_hosts: bool = True
     """Retries prefer an endpoint not tried yet (``retryIgnorePreviousHosts``, default true)."""
+    idempotent_resets: bool = False
+    """Retry a GET, HEAD, OPTIONS, TRACE, PUT or DELETE whose connection broke (the mesh default only)."""
     backoff_base: float = DEFAULT_BACKOFF_BASE
     backoff_cap: float = 10 * DEFAULT_BACKOFF_BASE
     _windows: tuple[float, ...] = field(init=False, repr=False, compare=False)
@@ -233,6 +240,7 @@ class RetryPolicy:
             status_codes=frozenset(codes),
             retry_non_idempotent=retry_non_idempotent,
             avoid_previous_hosts=route is None or route.retry_ignore_previous_hosts is not False,
+            idempotent_resets=not own_retry_on and retry_on == DEFAULT_RETRY_ON,
             backoff_base=base,
             backoff_cap=10 * base,
         )
@@ -277,7 +285,9 @@ class RetryPolicy:
         The delay is ``outcome.retry_after`` when the upstream sent one, else the
         jittered backoff; the adapter caps it by the time left before the deadline.
         """
-        if not self.retriable(outcome):
+        if not self.retriable(outcome) and not (
+            self.idempotent_resets and outcome.failure is Failure.RESET and method.upper() in IDEMPOTENT_METHODS
+        ):
             return _NO[RetryReason.NOT_RETRIABLE]
         if self.attempts == 0:
             return _NO[RetryReason.DISABLED]

@@ -104,8 +104,22 @@ def test_mesh_default_when_route_sets_none() -> None:
     assert decide(p, Outcome.response(503)).retry  # retriable-status-codes(503)
     assert decide(p, CONNECT).retry
     assert not decide(p, Outcome.response(500)).retry
-    assert not decide(p, RESET).retry
     assert decide(p, Outcome.response(503), attempt=3).reason is RetryReason.ATTEMPTS_EXHAUSTED
+
+
+def test_the_mesh_default_retries_an_idempotent_request_whose_connection_broke() -> None:
+    """RFC 9110 §9.2.2: safe to repeat; Istio's default would hand the reset to the caller."""
+    p = RetryPolicy.compile(None, RetryDefaults())
+    for method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"):
+        assert decide(p, RESET, method=method).retry, method
+    assert decide(p, RESET, method="POST").reason is RetryReason.NOT_RETRIABLE, "a POST may have been acted on"
+    assert decide(p, RESET, method="PATCH").reason is RetryReason.NOT_RETRIABLE
+    own = RetryPolicy.compile(HTTPRetry(attempts=2, retry_on="connect-failure,503"), RetryDefaults())
+    assert not decide(own, RESET).retry, "a route's own retryOn gets exactly what it lists"
+    configured = RetryPolicy.compile(None, RetryDefaults(retry_on="connect-failure"))
+    assert not decide(configured, RESET).retry, "so does a MeshConfig that sets its own"
+    without_attempts = RetryPolicy.compile(HTTPRetry(attempts=0), RetryDefaults())
+    assert not decide(without_attempts, RESET).retry
 
 
 def test_route_retry_on_lists_exactly_its_codes_as_istio_parse_retry_on() -> None:
