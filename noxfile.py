@@ -3,6 +3,7 @@
 nox                    lint, typecheck, tests
 nox -s tests -- -k x   pytest with arguments
 nox -s bench | docs | demo
+nox -s reliability     the long reliability run (10,000 requests, 10,000 fuzz examples, 60 s soak)
 """
 
 from __future__ import annotations
@@ -70,3 +71,25 @@ def demo(session: nox.Session) -> None:
     """meshlib demo: the whole mesh on this machine."""
     install(session)
     session.run("meshlib", "demo", *session.posargs)
+
+
+@nox.session
+def reliability(session: nox.Session) -> None:
+    """tests/reliability at full size, then the soak; figures appended to .reliability-figures.jsonl.
+
+    The quick run of the same tests is part of the suite (.ci/run); this one sets
+    10,000 requests per chaos test and 10,000 fuzz examples, then runs
+    tests/reliability/soak.py (60 s under wrk for the sidecar, 60 s of an in-process
+    loop; the seconds can be given after --).
+    """
+    install(session)
+    figures = ROOT / ".reliability-figures.jsonl"
+    figures.unlink(missing_ok=True)
+    env = {
+        "MESHLIB_RELIABILITY_N": "10000",
+        "MESHLIB_RELIABILITY_EXAMPLES": "10000",
+        "MESHLIB_RELIABILITY_FIGURES": str(figures),
+    }
+    session.run("pytest", "tests/reliability", "-q", "-p", "no:cacheprovider", env=env)
+    session.run("python", str(ROOT / "tests" / "reliability" / "soak.py"), *session.posargs, env=env)
+    session.log(f"figures: {figures}")
