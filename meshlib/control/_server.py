@@ -598,7 +598,7 @@ class ControlPlane:
         except ValueError as exc:
             return _error(400, str(exc))
         if not principal.may_act_as(workload.namespace, workload.service_account):
-            return _error(403, f"this token is for {principal}, not {workload.namespace}/{workload.service_account}")
+            return _not_yours(principal, workload.namespace, workload.service_account)
         node = q.get("node") or f"{workload.name}.{workload.namespace}-{secrets.token_hex(4)}"
         status = DataPlaneStatus(
             node, workload.name, workload.namespace, workload.service_account, dict(labels), self.replica
@@ -619,13 +619,10 @@ class ControlPlane:
         if isinstance(checked, Response):
             return checked
         principal, data = checked
-        node = str(data.get("node", ""))
-        sub = self._subscribers.get(node)
-        if sub is None:
-            return _error(404, f"no data plane {node!r} streams from this replica")
-        status = sub.status
-        if not principal.may_act_as(status.namespace, status.service_account):
-            return _error(403, f"this token is for {principal}, not {status.namespace}/{status.service_account}")
+        sub = self._own_subscriber(principal, data)
+        if isinstance(sub, Response):
+            return sub
+        node, status = sub.status.node, sub.status
         nonce = data.get("nonce")
         error = data.get("error")
         if error:
@@ -654,16 +651,22 @@ class ControlPlane:
         if isinstance(checked, Response):
             return checked
         principal, data = checked
+        sub = self._own_subscriber(principal, data)
+        if isinstance(sub, Response):
+            return sub
+        node = sub.status.node
+        self.reports.add(node, data)
+        return Response(status_code=204)
+
+    def _own_subscriber(self, principal: Principal, data: dict[str, Any]) -> _Subscriber | Response:
+        """The stream a data plane's ACK or report is about, if the caller may speak for it."""
         node = str(data.get("node", ""))
         sub = self._subscribers.get(node)
         if sub is None:
             return _error(404, f"no data plane {node!r} streams from this replica")
         if not principal.may_act_as(sub.status.namespace, sub.status.service_account):
-            return _error(
-                403, f"this token is for {principal}, not {sub.status.namespace}/{sub.status.service_account}"
-            )
-        self.reports.add(node, data)
-        return Response(status_code=204)
+            return _not_yours(principal, sub.status.namespace, sub.status.service_account)
+        return sub
 
     def may_view(self, request: Request) -> bool:
         """An admin token or the view token (read-only: the dashboard's state, nothing else)."""
@@ -685,7 +688,7 @@ class ControlPlane:
         except (ValueError, TypeError) as exc:
             return _error(400, f"bad registration: {exc}")
         if not principal.may_act_as(reg.namespace, reg.service_account):
-            return _error(403, f"this token is for {principal}, not {reg.namespace}/{reg.service_account}")
+            return _not_yours(principal, reg.namespace, reg.service_account)
         try:
             await self.store.put(REGISTRY_PREFIX + reg.id, reg.to_dict(), ttl=self.registry_ttl)
         except StoreError as exc:
@@ -702,7 +705,7 @@ class ControlPlane:
         rid = request.path_params["rid"]
         reg = self._registrations.get(rid)
         if reg is not None and not principal.may_act_as(reg.namespace, reg.service_account):
-            return _error(403, f"this token is for {principal}, not {reg.namespace}/{reg.service_account}")
+            return _not_yours(principal, reg.namespace, reg.service_account)
         try:
             await self.store.delete(REGISTRY_PREFIX + rid)
         except StoreError as exc:
@@ -915,6 +918,10 @@ def _label(item: str) -> tuple[str, str]:
     if not sep or not key:
         raise ValueError(f"label {item!r}: use key=value")
     return key, value
+
+
+def _not_yours(principal: Principal, namespace: str, service_account: str) -> JSONResponse:
+    return _error(403, f"this token is for {principal}, not {namespace}/{service_account}")
 
 
 def _error(status: int, message: str) -> JSONResponse:
